@@ -1,0 +1,226 @@
+"""The `p2pfed` command line: each command parses, calls one library function, prints.
+
+Expected failures print one line (message and hint) on stderr and exit with the
+error's documented code (README.md, "Exit codes"); never a traceback."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from p2pfed.errors import P2PFedError
+from p2pfed.federation import Settings, parse_duration
+from p2pfed.site import home_root
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Serverless federated nnU-Net: FFE and AsymFedAvg over shared storage, "
+                       "encrypted and signed. Each site runs `p2pfed round --site NAME` from cron.")
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+HomeOpt = typer.Option(None, "--home", envvar="P2PFED_HOME",
+                       help="Folder holding the sites' keys and state [default: ~/.p2pfed].")
+SiteOpt = typer.Option(..., "--site", help="This site's name, as in the federation.")
+
+
+def fail(exc: P2PFedError) -> None:
+    line = f"p2pfed: error: {exc.message}" + (f" (hint: {exc.hint})" if exc.hint else "")
+    err.print(line, markup=False, soft_wrap=True)
+    raise typer.Exit(exc.exit_code)
+
+
+def handled(fn):
+    """Turn expected errors into one line; log unexpected ones to a file, not the screen."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except P2PFedError as exc:
+            fail(exc)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # a bug: keep the screen to one line, the details in a file
+            log = _crash_log(kwargs.get("home"))
+            err.print(f"p2pfed: internal error: {type(exc).__name__}: {exc} (details: {log})",
+                      markup=False, soft_wrap=True)
+            raise typer.Exit(1)
+
+    return wrapper
+
+
+def _crash_log(home) -> Path:
+    root = home_root(home)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        path = root / f"crash-{time.strftime('%Y%m%dT%H%M%S')}.log"
+        path.write_text(traceback.format_exc())
+    except OSError:
+        path = Path("(unwritable home; traceback lost)")
+    return path
+
+
+def emit_json(doc: dict) -> None:
+    sys.stdout.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+# --------------------------------------------------------------------------- membership
+def _local_options(site, dataset, nnunet_raw, nnunet_preprocessed, nnunet_results, device, endpoint, home):
+    from p2pfed.node import LocalOptions
+
+    return LocalOptions(site=site, dataset=dataset, nnunet_raw=nnunet_raw,
+                        nnunet_preprocessed=nnunet_preprocessed, nnunet_results=nnunet_results,
+                        device=device, endpoint_url=endpoint, home=home)
+
+
+Dataset = typer.Option(..., "--dataset", "-d", help="This site's nnU-Net dataset id or DatasetXXX_Name.")
+Raw = typer.Option(None, "--nnunet-raw", help="nnUNet_raw folder [default: $nnUNet_raw].")
+Pre = typer.Option(None, "--nnunet-preprocessed", help="nnUNet_preprocessed [default: $nnUNet_preprocessed].")
+Res = typer.Option(None, "--nnunet-results", help="nnUNet_results folder [default: $nnUNet_results].")
+Device = typer.Option("cpu", "--device", help="cpu, cuda or mps.")
+Endpoint = typer.Option(None, "--endpoint", help="S3 endpoint URL (MinIO, ...) [default: $AWS_ENDPOINT_URL].")
+
+
+@app.command()
+@handled
+def init(
+    storage: str = typer.Argument(..., help="Shared storage: a folder, file://, or s3://bucket/prefix."),
+    site: str = SiteOpt, dataset: str = Dataset,
+    mode: str = typer.Option("ffe", "--mode", help="ffe (one shared plan, FedAvg) or asym (local plans, AsymFedAvg)."),
+    configuration: str = typer.Option("3d_fullres", "--configuration", "-c", help="nnU-Net configuration."),
+    fold: int = typer.Option(0, "--fold", "-f", help="nnU-Net fold used for local validation."),
+    rounds: int = typer.Option(1000, "--rounds", help="Number of federated rounds."),
+    epochs_per_round: int = typer.Option(1, "--epochs-per-round", help="Local epochs between merges."),
+    iterations_per_epoch: int = typer.Option(250, "--iterations-per-epoch", help="nnU-Net iterations per epoch."),
+    val_iterations: int = typer.Option(50, "--val-iterations", help="nnU-Net validation iterations per epoch."),
+    sites: int = typer.Option(2, "--sites", help="Members that must publish fingerprints before the federation starts."),
+    quorum: Optional[int] = typer.Option(None, "--quorum", help="Contributions that may seal a round after the deadline [default: all sites]."),
+    deadline: str = typer.Option("24h", "--deadline", help="How long a round waits for all sites before the quorum may seal it (e.g. 30m, 6h)."),
+    weighting: str = typer.Option("cases", "--weighting", help="cases (weight by training cases) or uniform."),
+    layers: str = typer.Option("subset", "--layers", help="subset (average each layer over sites that share it) or intersection."),
+    trainer: str = typer.Option("nnUNetTrainer", "--trainer", help="nnU-Net trainer class."),
+    planner: str = typer.Option("ExperimentPlanner", "--planner", help="nnU-Net experiment planner class."),
+    plans_identifier: str = typer.Option("nnUNetPlans", "--plans-identifier", "-p", help="nnU-Net plans identifier."),
+    gpu_memory_target: float = typer.Option(8.0, "--gpu-memory-target", help="GPU memory target of the planner, GB."),
+    final_validation: bool = typer.Option(True, "--final-validation/--no-final-validation", help="Run nnU-Net's validation after the final merge."),
+    max_update_norm: Optional[float] = typer.Option(None, "--max-update-norm", help="Refuse updates whose L2 distance to the base model exceeds this times the base model's norm (off by default)."),
+    nnunet_raw: Optional[str] = Raw, nnunet_preprocessed: Optional[str] = Pre,
+    nnunet_results: Optional[str] = Res, device: str = Device,
+    endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,
+):
+    """Create a federation on STORAGE, with this site as its founder and first member."""
+    from p2pfed import node
+
+    settings = Settings(mode=mode, configuration=configuration, fold=fold, rounds=rounds,
+                        epochs_per_round=epochs_per_round, iterations_per_epoch=iterations_per_epoch,
+                        val_iterations=val_iterations, sites=sites, quorum=quorum,
+                        deadline_s=parse_duration(deadline), weighting=weighting, layers=layers,
+                        trainer=trainer, planner=planner, plans_identifier=plans_identifier,
+                        gpu_memory_target=gpu_memory_target, final_validation=final_validation,
+                        max_update_norm=max_update_norm)
+    opts = _local_options(site, dataset, nnunet_raw, nnunet_preprocessed, nnunet_results, device, endpoint, home)
+    config, public = node.init(storage, opts, settings)
+    out.print(f"Created federation {config.federation} on {config.storage}")
+    out.print(f"Site {site!r} is its founder. Key fingerprint: {public.fingerprint()}")
+    out.print(f"Other sites join with: p2pfed join {config.storage} --site NAME --dataset ID")
+
+
+@app.command()
+@handled
+def join(
+    storage: str = typer.Argument(..., help="The federation's shared storage."),
+    site: str = SiteOpt, dataset: str = Dataset,
+    nnunet_raw: Optional[str] = Raw, nnunet_preprocessed: Optional[str] = Pre,
+    nnunet_results: Optional[str] = Res, device: str = Device,
+    endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,
+):
+    """Ask to join the federation on STORAGE. A member then runs `p2pfed admit`."""
+    from p2pfed import node
+
+    opts = _local_options(site, dataset, nnunet_raw, nnunet_preprocessed, nnunet_results, device, endpoint, home)
+    config, public, fed = node.join(storage, opts)
+    out.print(f"Join request for {site!r} published to federation {fed.id} (founder {fed.founder}).")
+    out.print(f"Key fingerprint: {public.fingerprint()}")
+    out.print(f"Send this fingerprint to a member out of band; they run: "
+              f"p2pfed admit {site} --site MEMBER --fingerprint {public.fingerprint()}")
+
+
+@app.command()
+@handled
+def admit(
+    name: str = typer.Argument(..., help="The pending site to admit."),
+    site: str = typer.Option(..., "--site", help="Your own site (a member)."),
+    fingerprint: Optional[str] = typer.Option(None, "--fingerprint", help="The fingerprint the site sent you; a mismatch is refused."),
+    home: Optional[str] = HomeOpt,
+):
+    """Admit a pending site into the federation (signed by your site)."""
+    from p2pfed import node
+
+    who = node.admit(home, site, name, fingerprint)
+    out.print(f"Admitted {name!r} (fingerprint {who.fingerprint()}).")
+    if fingerprint is None:
+        out.print("[yellow]Warning:[/] no --fingerprint given; compare the one above with the site out of band.")
+
+
+# --------------------------------------------------------------------------- audit
+@app.command()
+@handled
+def status(
+    site: Optional[str] = typer.Option(None, "--site", help="Read as this site (decrypts metrics)."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Read public progress of this storage, without a site."),
+    endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the status document as JSON."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Also draw per-site metric curves into this PNG."),
+):
+    """Show the federation: settings, members, pending joins, phase, rounds and metrics."""
+    from p2pfed import status as statusmod
+
+    doc = statusmod.document(home=home, site=site, storage=storage, endpoint=endpoint)
+    if plot is not None:
+        statusmod.plot(doc, plot)
+    if as_json:
+        emit_json(doc)
+    else:
+        statusmod.render(doc, out)
+        if plot is not None:
+            out.print(f"Plot written to {plot}")
+
+
+
+@app.command()
+@handled
+def verify(
+    site: str = SiteOpt, home: Optional[str] = HomeOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
+):
+    """Check every signature, hash and envelope in the shared storage. Exit 6 if anything fails."""
+    from p2pfed import node
+    from p2pfed.errors import IntegrityError
+    from p2pfed.verify import verify_storage
+
+    home_, _, fed = node.open_site(home, site)
+    findings = verify_storage(fed, home_.identity())
+    bad = [f for f in findings if not f.ok]
+    if as_json:
+        emit_json({"ok": not bad, "objects": [f.__dict__ for f in findings]})
+    else:
+        for f in bad:
+            err.print(f"BAD {f.key}: {f.detail}", markup=False, soft_wrap=True)
+        out.print(f"{len(findings)} objects checked, {len(bad)} bad.")
+    if bad:
+        raise IntegrityError(f"{len(bad)} bad object(s), first: {bad[0].key}: {bad[0].detail}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""All cryptography of p2pfed, in one module (docs/design.md, "Envelope" and
+"Signed records"). Nothing else imports `cryptography`.
+
+- Identities: Ed25519 (signing) + X25519 (encryption) per site.
+- Signed records: canonical JSON body + Ed25519 signature (plaintext, no data statistics).
+- Envelopes: a signed header (binds federation, kind, round, name, author, plaintext
+  hash) + a random content key wrapped per recipient with HPKE (RFC 9180) + the payload
+  in AES-256-GCM chunks, STREAM style (counter nonce with a last-chunk flag, like age).
+
+Readers verify the signature before decrypting anything and check the plaintext hash
+after: AES-GCM is not key-committing, so the signed hash is what pins the plaintext.
+Every failure is an IntegrityError that names the object and says why."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hpke, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from .errors import IntegrityError
+
+MAGIC = b"P2PF"
+FORMAT_VERSION = 1
+SUITE_ID = 1  # HPKE(X25519, HKDF-SHA256, AES-256-GCM) + AES-256-GCM STREAM + Ed25519 + SHA-256
+PREFIX = struct.Struct(">4sBBI")  # magic, version, suite, header length
+SIG_LEN = 64
+MAX_HEADER = 1 << 20  # a header lists recipients; 1 MiB is thousands of sites
+CHUNK_SIZE = 1 << 20
+TAG_LEN = 16
+ENVELOPE_DOMAIN = b"p2pfed-envelope-v1\x00"
+RECORD_DOMAIN = b"p2pfed-record-v1\x00"
+KEYWRAP_INFO = b"p2pfed-keywrap-v1\x00"
+_HPKE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+_RAW = dict(encoding=serialization.Encoding.Raw, format=serialization.PublicFormat.Raw)
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(obj: Any) -> bytes:
+    """The one byte encoding of JSON that is signed and hashed (sorted keys, no spaces)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _unb64(text: str, name: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (ValueError, TypeError):
+        raise IntegrityError(f"{name}: malformed base64 field") from None
+
+
+# --------------------------------------------------------------------------- identities
+@dataclass(frozen=True)
+class PublicIdentity:
+    """What a member publishes: its name and two raw 32-byte public keys."""
+
+    site: str
+    verify_key: bytes
+    encrypt_key: bytes
+
+    def fingerprint(self) -> str:
+        """64 hex digits that sites compare out of band before admitting each other."""
+        return sha256_hex(b"p2pfed-id-v1\x00" + self.verify_key + self.encrypt_key)
+
+    def to_json(self) -> dict:
+        return {"site": self.site, "ed25519": _b64(self.verify_key),
+                "x25519": _b64(self.encrypt_key)}
+
+    @classmethod
+    def from_json(cls, obj: Mapping, name: str = "member record") -> "PublicIdentity":
+        try:
+            ident = cls(str(obj["site"]), _unb64(obj["ed25519"], name), _unb64(obj["x25519"], name))
+        except (KeyError, TypeError):
+            raise IntegrityError(f"{name}: public identity is incomplete") from None
+        if len(ident.verify_key) != 32 or len(ident.encrypt_key) != 32:
+            raise IntegrityError(f"{name}: public keys must be 32 bytes")
+        return ident
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A site's private keys. Stored by p2pfed.site as two PEM files, mode 0600."""
+
+    site: str
+    signing_key: Ed25519PrivateKey
+    encryption_key: X25519PrivateKey
+
+    @classmethod
+    def generate(cls, site: str) -> "Identity":
+        return cls(site, Ed25519PrivateKey.generate(), X25519PrivateKey.generate())
+
+    def public(self) -> PublicIdentity:
+        return PublicIdentity(self.site, self.signing_key.public_key().public_bytes(**_RAW),
+                              self.encryption_key.public_key().public_bytes(**_RAW))
+
+    def private_pems(self) -> tuple[bytes, bytes]:
+        fmt = dict(encoding=serialization.Encoding.PEM,
+                   format=serialization.PrivateFormat.PKCS8,
+                   encryption_algorithm=serialization.NoEncryption())
+        return self.signing_key.private_bytes(**fmt), self.encryption_key.private_bytes(**fmt)
+
+    @classmethod
+    def from_pems(cls, site: str, signing_pem: bytes, encryption_pem: bytes) -> "Identity":
+        sk = serialization.load_pem_private_key(signing_pem, password=None)
+        ek = serialization.load_pem_private_key(encryption_pem, password=None)
+        if not isinstance(sk, Ed25519PrivateKey) or not isinstance(ek, X25519PrivateKey):
+            raise ValueError("unexpected key type")
+        return cls(site, sk, ek)
+
+    def sign(self, data: bytes) -> bytes:
+        return self.signing_key.sign(data)
+
+
+def _verify(ident: PublicIdentity, signature: bytes, data: bytes, name: str) -> None:
+    try:
+        Ed25519PublicKey.from_public_bytes(ident.verify_key).verify(signature, data)
+    except InvalidSignature:
+        raise IntegrityError(f"{name}: bad signature (claims to be from {ident.site})") from None
+
+
+# --------------------------------------------------------------------------- signed records
+def sign_record(body: Mapping, author: Identity) -> bytes:
+    """A plaintext signed record: JSON {"body", "signer", "signature"}."""
+    signed = canonical_json({"body": body, "signer": author.site})
+    sig = author.sign(RECORD_DOMAIN + signed)
+    return canonical_json({"body": body, "signer": author.site, "signature": _b64(sig)}) + b"\n"
+
+
+def record_signer(data: bytes, name: str) -> str:
+    """Who claims to have signed a record (to pick the key); nothing is trusted yet."""
+    return _parse_record(data, name)[1]
+
+
+def _parse_record(data: bytes, name: str) -> tuple[dict, str, bytes]:
+    if len(data) > MAX_HEADER:
+        raise IntegrityError(f"{name}: record larger than {MAX_HEADER} bytes")
+    try:
+        obj = json.loads(data)
+        body, signer, sig = obj["body"], obj["signer"], obj["signature"]
+    except (ValueError, KeyError, TypeError):
+        raise IntegrityError(f"{name}: not a p2pfed signed record") from None
+    if not isinstance(body, dict) or not isinstance(signer, str) or not isinstance(sig, str):
+        raise IntegrityError(f"{name}: not a p2pfed signed record")
+    return body, signer, _unb64(sig, name)
+
+
+def open_record(data: bytes, *, authors: Mapping[str, PublicIdentity], name: str,
+                expect: Mapping[str, Any] | None = None) -> tuple[dict, str]:
+    """Verify a signed record against the pinned keys; return (body, signer).
+
+    `expect` lists body fields that must have exactly these values (federation, kind,
+    round, site...): this is what stops an object being replayed elsewhere."""
+    body, signer, sig = _parse_record(data, name)
+    if signer not in authors:
+        raise IntegrityError(f"{name}: signed by {signer!r}, who is not a member")
+    _verify(authors[signer], sig, RECORD_DOMAIN + canonical_json({"body": body, "signer": signer}), name)
+    _check_expected(body, expect or {}, name)
+    return body, signer
+
+
+def _check_expected(fields: Mapping, expect: Mapping, name: str) -> None:
+    for key, want in expect.items():
+        if fields.get(key) != want:
+            raise IntegrityError(f"{name}: field {key!r} is {fields.get(key)!r}, expected {want!r}")
+
+
+# --------------------------------------------------------------------------- envelopes
+def _nonce(counter: int, last: bool) -> bytes:
+    return counter.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
+
+
+def seal(payload: bytes, *, header: Mapping[str, Any], author: Identity,
+         recipients: Mapping[str, PublicIdentity], chunk_size: int = CHUNK_SIZE) -> bytes:
+    """Encrypt `payload` for `recipients` and sign it as `author`.
+
+    `header` carries the binding fields (federation, kind, round, name, ...); this
+    function adds author, sizes, plaintext hash and the wrapped keys."""
+    key = AESGCM.generate_key(bit_length=256)
+    wrapped = {site: _b64(_HPKE.encrypt(key, X25519PublicKey.from_public_bytes(pub.encrypt_key),
+                                        info=KEYWRAP_INFO + site.encode()))
+               for site, pub in sorted(recipients.items())}
+    full = dict(header, author=author.site, plaintext_sha256=sha256_hex(payload),
+                plaintext_size=len(payload), chunk_size=chunk_size, recipients=wrapped)
+    head = canonical_json(full)
+    if len(head) > MAX_HEADER:
+        raise ValueError("envelope header too large")
+    prefix = PREFIX.pack(MAGIC, FORMAT_VERSION, SUITE_ID, len(head)) + head
+    signature = author.sign(ENVELOPE_DOMAIN + prefix)
+    aad = hashlib.sha256(prefix).digest()
+    aead = AESGCM(key)
+    parts = [prefix, signature]
+    n_chunks = max(1, -(-len(payload) // chunk_size))
+    view = memoryview(payload)
+    for i in range(n_chunks):
+        chunk = view[i * chunk_size:(i + 1) * chunk_size]
+        parts.append(aead.encrypt(_nonce(i, i == n_chunks - 1), chunk, aad))
+    return b"".join(parts)
+
+
+def read_header(blob: bytes, name: str) -> dict:
+    """Parse (not verify) an envelope header: format checks first, size capped."""
+    if len(blob) < PREFIX.size + SIG_LEN:
+        raise IntegrityError(f"{name}: truncated envelope")
+    magic, version, suite, hlen = PREFIX.unpack_from(blob)
+    if magic != MAGIC:
+        raise IntegrityError(f"{name}: not a p2pfed envelope")
+    if version != FORMAT_VERSION or suite != SUITE_ID:
+        raise IntegrityError(f"{name}: unsupported envelope version {version} suite {suite}",
+                             "upgrade p2pfed on this site")
+    if hlen > MAX_HEADER or len(blob) < PREFIX.size + hlen + SIG_LEN:
+        raise IntegrityError(f"{name}: envelope header length {hlen} is out of bounds")
+    try:
+        header = json.loads(blob[PREFIX.size:PREFIX.size + hlen])
+    except ValueError:
+        raise IntegrityError(f"{name}: envelope header is not JSON") from None
+    if not isinstance(header, dict) or not isinstance(header.get("author"), str):
+        raise IntegrityError(f"{name}: envelope header lacks an author")
+    return header
+
+
+def verify_envelope(blob: bytes, *, authors: Mapping[str, PublicIdentity], name: str,
+                    expect: Mapping[str, Any] | None = None) -> dict:
+    """Check format, author membership, signature and binding fields. No decryption."""
+    header = read_header(blob, name)
+    author = header["author"]
+    if author not in authors:
+        raise IntegrityError(f"{name}: signed by {author!r}, who is not a member")
+    end = PREFIX.size + PREFIX.unpack_from(blob)[3]
+    _verify(authors[author], blob[end:end + SIG_LEN], ENVELOPE_DOMAIN + blob[:end], name)
+    _check_expected(header, expect or {}, name)
+    return header
+
+
+def open_sealed(blob: bytes, *, reader: Identity, authors: Mapping[str, PublicIdentity],
+                name: str, expect: Mapping[str, Any] | None = None) -> tuple[dict, bytes]:
+    """Verify, then decrypt. Returns (header, plaintext)."""
+    header = verify_envelope(blob, authors=authors, name=name, expect=expect)
+    wrapped = header.get("recipients", {}).get(reader.site)
+    if wrapped is None:
+        raise IntegrityError(f"{name}: not encrypted for site {reader.site!r}",
+                             "the object predates this site's admission, or was made for another federation")
+    try:
+        key = _HPKE.decrypt(_unb64(wrapped, name), reader.encryption_key,
+                            info=KEYWRAP_INFO + reader.site.encode())
+        size, chunk, want = int(header["plaintext_size"]), int(header["chunk_size"]), header["plaintext_sha256"]
+    except (InvalidTag, ValueError, KeyError, TypeError):
+        raise IntegrityError(f"{name}: cannot unwrap the content key with this site's key") from None
+    end = PREFIX.size + PREFIX.unpack_from(blob)[3]
+    aad = hashlib.sha256(blob[:end]).digest()
+    body = memoryview(blob)[end + SIG_LEN:]
+    n_chunks = max(1, -(-size // chunk)) if chunk > 0 else 0
+    if chunk <= 0 or len(body) != size + n_chunks * TAG_LEN:
+        raise IntegrityError(f"{name}: ciphertext length does not match the header")
+    aead, out, step = AESGCM(key), [], chunk + TAG_LEN
+    try:
+        for i in range(n_chunks):
+            out.append(aead.decrypt(_nonce(i, i == n_chunks - 1), body[i * step:(i + 1) * step], aad))
+    except InvalidTag:
+        raise IntegrityError(f"{name}: ciphertext chunk {i} fails authentication") from None
+    plaintext = b"".join(out)
+    if sha256_hex(plaintext) != want:
+        raise IntegrityError(f"{name}: plaintext hash does not match the signed header")
+    return header, plaintext

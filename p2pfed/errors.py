@@ -1,0 +1,66 @@
+"""One error family. Every expected failure is a P2PFedError with a one-line
+message, a hint, and an exit code that cron users can act on (README: Exit codes)."""
+from __future__ import annotations
+
+
+class P2PFedError(Exception):
+    """Base class: message (what is wrong), hint (what to do), exit_code."""
+
+    exit_code = 1
+    default_hint = ""
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint if hint is not None else self.default_hint
+
+    def __str__(self) -> str:
+        return f"{self.message} (hint: {self.hint})" if self.hint else self.message
+
+
+class UsageError(P2PFedError):
+    """Bad command-line arguments or options."""
+
+    exit_code = 2
+    default_hint = "see `p2pfed COMMAND --help`"
+
+
+class SetupError(P2PFedError):
+    """Local setup problem: site home, keys, permissions, versions, local state."""
+
+    exit_code = 3
+    default_hint = "fix the local setup, then run the command again"
+
+
+class DatasetError(P2PFedError):
+    """The site's nnU-Net dataset is missing, broken or incompatible."""
+
+    exit_code = 4
+    default_hint = "fix the dataset under nnUNet_raw, then run the tick again"
+
+
+class StorageError(P2PFedError):
+    """Shared storage unreachable, misconfigured or not supporting create-only writes."""
+
+    exit_code = 5
+    default_hint = "check the storage URL, credentials and network; cron will retry"
+
+
+class IntegrityError(P2PFedError):
+    """A stored object failed verification: tampered, foreign, replayed or not for us."""
+
+    exit_code = 6
+    default_hint = "someone changed the shared storage; run `p2pfed verify` and alert the members"
+
+
+class ContributionRejected(IntegrityError):
+    """A member's contribution is well-signed but unusable (non-finite, wrong shape or dtype...)."""
+
+    default_hint = "the named site must fix its node; its contribution is not merged"
+
+
+class FederationHalted(P2PFedError):
+    """Members disagree (plan or merge hashes differ): a person must look."""
+
+    exit_code = 7
+    default_hint = "compare versions and settings of the named sites; see `p2pfed status`"

@@ -1,0 +1,281 @@
+"""The federation record (genesis), membership (join requests, admissions) and the
+verified view of both that every command starts from (docs/design.md, "Membership")."""
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from dataclasses import asdict, dataclass, field, fields
+from importlib import metadata
+
+from . import layout
+from .crypto import Identity, PublicIdentity, open_record, record_signer, sha256_hex, sign_record
+from .errors import IntegrityError, SetupError, UsageError
+from .storage import Storage
+
+FORMAT = 1
+MODES = ("ffe", "asym")
+WEIGHTINGS = ("cases", "uniform")
+LAYERS = ("subset", "intersection")
+
+
+def parse_duration(text: str) -> int:
+    """'90s', '30m', '2h', '1d' or plain seconds -> seconds."""
+    m = re.fullmatch(r"\s*(\d+)\s*([smhd]?)\s*", str(text))
+    if not m:
+        raise UsageError(f"cannot read duration {text!r}", "use e.g. 90s, 30m, 2h or 1d")
+    return int(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def version_of(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Federation-wide settings, fixed at init and signed into federation.json."""
+
+    mode: str = "ffe"
+    configuration: str = "3d_fullres"
+    fold: int = 0
+    rounds: int = 1000
+    epochs_per_round: int = 1
+    iterations_per_epoch: int = 250
+    val_iterations: int = 50
+    sites: int = 2
+    quorum: int | None = None
+    deadline_s: int = 86400
+    weighting: str = "cases"
+    layers: str = "subset"
+    trainer: str = "nnUNetTrainer"
+    planner: str = "ExperimentPlanner"
+    plans_identifier: str = "nnUNetPlans"
+    gpu_memory_target: float = 8.0
+    final_validation: bool = True
+    max_update_norm: float | None = None
+
+    def __post_init__(self):
+        checks = [
+            (self.mode in MODES, f"--mode must be one of {', '.join(MODES)}"),
+            (self.weighting in WEIGHTINGS, f"--weighting must be one of {', '.join(WEIGHTINGS)}"),
+            (self.layers in LAYERS, f"--layers must be one of {', '.join(LAYERS)}"),
+            (self.rounds >= 1 and self.epochs_per_round >= 1, "--rounds and --epochs-per-round must be >= 1"),
+            (self.iterations_per_epoch >= 1 and self.val_iterations >= 1,
+             "--iterations-per-epoch and --val-iterations must be >= 1"),
+            (self.sites >= 1, "--sites must be >= 1"),
+            (self.quorum is None or 1 <= self.quorum <= self.sites, "--quorum must be between 1 and --sites"),
+            (self.deadline_s >= 0, "--deadline must be >= 0"),
+            (self.fold >= 0 or self.fold == -1, "--fold must be >= 0"),
+            (self.gpu_memory_target > 0, "--gpu-memory-target must be > 0"),
+            (self.max_update_norm is None or self.max_update_norm > 0, "--max-update-norm must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+    @property
+    def effective_quorum(self) -> int:
+        return self.quorum or self.sites
+
+    @property
+    def total_epochs(self) -> int:
+        return self.rounds * self.epochs_per_round
+
+    @classmethod
+    def from_json(cls, obj: dict) -> "Settings":
+        names = {f.name for f in fields(cls)}
+        unknown = set(obj) - names
+        if unknown:
+            raise IntegrityError(f"federation.json has unknown settings {sorted(unknown)}",
+                                 "upgrade p2pfed on this site")
+        return cls(**obj)
+
+
+@dataclass
+class Federation:
+    """A verified view of federation.json and the member list."""
+
+    storage: Storage
+    id: str
+    genesis_sha256: str
+    settings: Settings
+    founder: str
+    versions: dict
+    created: int
+    members: dict[str, PublicIdentity] = field(default_factory=dict)
+    admitted_by: dict[str, str] = field(default_factory=dict)
+    pending: dict[str, PublicIdentity] = field(default_factory=dict)
+
+    def expect(self, kind: str, **more) -> dict:
+        return {"federation": self.id, "kind": kind, **more}
+
+    def member_keys(self) -> dict[str, PublicIdentity]:
+        return dict(self.members)
+
+
+# --------------------------------------------------------------------------- creation
+def create(storage: Storage, founder: Identity, settings: Settings) -> tuple[str, str]:
+    """Write federation.json and the founder's member record. Returns (id, genesis sha256)."""
+    fed_id = secrets.token_hex(16)
+    body = {"kind": "federation", "format": FORMAT, "federation": fed_id, "created": int(time.time()),
+            "founder": founder.public().to_json(), "settings": asdict(settings),
+            "versions": {"p2pfed": version_of("p2pfed"), "nnunetv2": version_of("nnunetv2")}}
+    genesis = sign_record(body, founder)
+    try:
+        storage.put_new(layout.FEDERATION, genesis)
+    except FileExistsError:
+        raise SetupError(f"a federation already exists at {storage.url}",
+                         "use `p2pfed join` to join it, or pick another storage location") from None
+    _admit(storage, fed_id, founder.public(), founder)
+    return fed_id, sha256_hex(genesis)
+
+
+def _admit(storage: Storage, fed_id: str, who: PublicIdentity, by: Identity) -> None:
+    body = {"kind": "member", "federation": fed_id, "name": layout.member(who.site), "site": who.site,
+            "identity": who.to_json(), "author": by.site, "created": int(time.time())}
+    storage.put_new(layout.member(who.site), sign_record(body, by))
+
+
+def request_join(storage: Storage, fed: Federation, joiner: Identity) -> None:
+    site = joiner.site
+    if site in fed.members:
+        raise SetupError(f"site {site!r} is already a member of this federation",
+                         "pick another --site name, or use the existing site's home")
+    body = {"kind": "join", "federation": fed.id, "name": layout.join_request(site), "site": site,
+            "identity": joiner.public().to_json(), "author": site, "created": int(time.time())}
+    try:
+        storage.put_new(layout.join_request(site), sign_record(body, joiner))
+    except FileExistsError:
+        raise SetupError(f"another join request for site {site!r} is already waiting",
+                         "pick another --site name") from None
+
+
+def admit(fed: Federation, name: str, by: Identity, fingerprint: str | None, started: bool) -> PublicIdentity:
+    if by.site not in fed.members:
+        raise SetupError(f"site {by.site!r} is not a member and cannot admit anyone")
+    if name in fed.members:
+        raise UsageError(f"site {name!r} is already a member", "nothing to do")
+    if name not in fed.pending:
+        raise UsageError(f"no pending join request from {name!r}",
+                         "the site must run `p2pfed join` first; `p2pfed status` lists pending joins")
+    if started:
+        raise UsageError(f"the federation has started; {name!r} can no longer be admitted",
+                         "membership is fixed once the fingerprint phase is sealed")
+    who = fed.pending[name]
+    if fingerprint is not None and _norm_fp(fingerprint) != who.fingerprint():
+        raise IntegrityError(f"fingerprint mismatch for {name!r}: the join request has {who.fingerprint()}",
+                             "do not admit; ask the site for its fingerprint again out of band")
+    try:
+        _admit(fed.storage, fed.id, who, by)
+    except FileExistsError:
+        raise UsageError(f"site {name!r} was admitted meanwhile", "nothing to do") from None
+    return who
+
+
+def _norm_fp(text: str) -> str:
+    return re.sub(r"[\s:-]", "", text).lower()
+
+
+# --------------------------------------------------------------------------- loading
+def load(storage: Storage, pinned_genesis: str | None = None) -> Federation:
+    """Read and verify federation.json, members and join requests.
+
+    `pinned_genesis` is the sha256 a site recorded at init/join: a replaced or rolled
+    back federation.json is refused."""
+    try:
+        data = storage.get(layout.FEDERATION)
+    except FileNotFoundError:
+        raise SetupError(f"no federation at {storage.url}",
+                         "check the storage URL, or create one with `p2pfed init`") from None
+    genesis_sha = sha256_hex(data)
+    if pinned_genesis and genesis_sha != pinned_genesis:
+        raise IntegrityError("federation.json differs from the one this site joined",
+                             "the shared storage was changed or points to another federation")
+    try:
+        founder = PublicIdentity.from_json(_record_body(data, layout.FEDERATION)["founder"], layout.FEDERATION)
+    except (KeyError, TypeError):
+        raise IntegrityError(f"{layout.FEDERATION}: not a p2pfed federation record") from None
+    body, _ = open_record(data, authors={founder.site: founder}, name=layout.FEDERATION,
+                          expect={"kind": "federation"})
+    if body.get("format") != FORMAT:
+        raise IntegrityError(f"federation format {body.get('format')} is not supported",
+                             "upgrade p2pfed on this site")
+    fed = Federation(storage, body["federation"], genesis_sha, Settings.from_json(body["settings"]),
+                     founder.site, body.get("versions", {}), int(body.get("created", 0)))
+    _load_members(fed, founder)
+    _load_pending(fed)
+    return fed
+
+
+def _load_members(fed: Federation, founder: PublicIdentity) -> None:
+    """Accept member records in admission order: each must be signed by an accepted member,
+    with the founder (pinned by federation.json) as the root."""
+    records = {}
+    for key in fed.storage.list_prefix("members"):
+        site = key[len("members/"):-len(".json")]
+        records[site] = (key, fed.storage.get(key))
+    fed.members = {founder.site: founder}
+    fed.admitted_by = {}
+    progress = True
+    while progress:
+        progress = False
+        for site, (key, data) in sorted(records.items()):
+            signer_of = record_signer(data, key)
+            if site in fed.admitted_by or signer_of not in fed.members:
+                continue
+            body, signer = open_record(data, authors=fed.members, name=key,
+                                       expect=fed.expect("member", site=site, name=key, author=signer_of))
+            ident = PublicIdentity.from_json(body["identity"], key)
+            if ident.site != site:
+                raise IntegrityError(f"{key}: names site {ident.site!r}")
+            if site == founder.site and ident != founder:
+                raise IntegrityError(f"{key}: founder keys differ from federation.json")
+            fed.members[site], fed.admitted_by[site] = ident, signer
+            progress = True
+    orphans = sorted(set(records) - set(fed.admitted_by))
+    if orphans:
+        raise IntegrityError(f"members/{orphans[0]}.json is not signed by a member",
+                             "someone wrote a forged member record; run `p2pfed verify`")
+
+
+def _load_pending(fed: Federation) -> None:
+    fed.pending = {}
+    for key in fed.storage.list_prefix("joins"):
+        site = key[len("joins/"):-len(".json")]
+        if site in fed.members:
+            continue
+        data = fed.storage.get(key)
+        try:
+            ident = PublicIdentity.from_json(_record_body(data, key).get("identity", {}), key)
+            open_record(data, authors={site: ident}, name=key,
+                        expect=fed.expect("join", site=site, name=key, author=site))
+        except IntegrityError:
+            continue  # a broken join request is nobody's member; `verify` reports it
+        if ident.site == site:
+            fed.pending[site] = ident
+
+
+def _record_body(data: bytes, name: str) -> dict:
+    """The unverified body of a record, to find which key verifies it."""
+    try:
+        body = json.loads(data)["body"]
+        return body if isinstance(body, dict) else {}
+    except (ValueError, KeyError, TypeError):
+        raise IntegrityError(f"{name}: not a p2pfed signed record") from None
+
+
+def check_pins(fed: Federation, known: dict[str, str]) -> dict[str, str]:
+    """Members a site has seen must stay, with the same keys: a rolled-back member list
+    or swapped keys are refused. Returns the updated pins."""
+    for site, fp in known.items():
+        if site not in fed.members:
+            raise IntegrityError(f"member {site!r} disappeared from the shared storage",
+                                 "the member list was rolled back or deleted; alert the members")
+        if fed.members[site].fingerprint() != fp:
+            raise IntegrityError(f"member {site!r} has different keys than before",
+                                 "a member record was replaced; alert the members")
+    return {site: ident.fingerprint() for site, ident in sorted(fed.members.items())}

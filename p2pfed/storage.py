@@ -1,0 +1,241 @@
+"""Shared storage: a tiny create-only interface over a local/NFS folder or any fsspec URL.
+
+get / put_new / exists / list_prefix. Nothing in the protocol overwrites or deletes.
+Backends declare whether create-only is atomic; `init` refuses storage where it is not
+(`probe`). Transient errors are retried with backoff; a write retried after an error
+that may have landed is settled by reading the object back."""
+from __future__ import annotations
+
+import errno
+import os
+import random
+import secrets
+import time
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from .errors import StorageError
+
+T = TypeVar("T")
+RETRIES = int(os.environ.get("P2PFED_STORAGE_RETRIES", "6"))
+BACKOFF_S = float(os.environ.get("P2PFED_STORAGE_BACKOFF", "0.5"))
+_TRANSIENT_CODES = {"500", "502", "503", "504", "SlowDown", "Throttling", "ThrottlingException",
+                    "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
+                    "OperationAborted", "ConditionalRequestConflict", "409"}
+
+
+class Storage:
+    """Base: subclasses implement the _raw_* operations; retries live here once."""
+
+    url: str
+    atomic_create: bool = False
+
+    # -- interface -----------------------------------------------------------------------
+    def get(self, key: str) -> bytes:
+        """Bytes of `key`; FileNotFoundError if absent."""
+        return self._retry(lambda: self._raw_get(key), key)
+
+    def exists(self, key: str) -> bool:
+        return self._retry(lambda: self._raw_exists(key), key)
+
+    def list_prefix(self, prefix: str) -> list[str]:
+        """Sorted keys under `prefix` (a folder-like path, no trailing slash needed)."""
+        return sorted(self._retry(lambda: self._raw_list(prefix.strip("/")), prefix))
+
+    def put_new(self, key: str, data: bytes) -> None:
+        """Create `key` with `data`; FileExistsError if it exists with other bytes.
+
+        Re-putting identical bytes is a no-op success: after a lost response the first
+        attempt may have landed, and content-addressed objects are re-put on resume."""
+        try:
+            self._retry(lambda: self._raw_put_new(key, data), key)
+        except FileExistsError:
+            if self.get(key) != data:
+                raise
+            return
+
+    # -- retries ---------------------------------------------------------------------------
+    def _retry(self, op: Callable[[], T], key: str) -> T:
+        for attempt in range(RETRIES + 1):
+            try:
+                return op()
+            except (FileNotFoundError, FileExistsError):
+                raise
+            except Exception as exc:  # classify: transient is retried, the rest explained
+                if not _is_transient(exc) or attempt == RETRIES:
+                    raise _explain(exc, self.url, key) from None
+                time.sleep(BACKOFF_S * (2 ** attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    def _raw_get(self, key: str) -> bytes: raise NotImplementedError
+    def _raw_exists(self, key: str) -> bool: raise NotImplementedError
+    def _raw_list(self, prefix: str) -> list[str]: raise NotImplementedError
+    def _raw_put_new(self, key: str, data: bytes) -> None: raise NotImplementedError
+
+
+def _error_code(exc: BaseException) -> str:
+    for e in (exc, exc.__cause__, exc.__context__):
+        resp = getattr(e, "response", None)
+        if isinstance(resp, dict):
+            err = resp.get("Error", {})
+            status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            return str(err.get("Code") or status or "")
+    return ""
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, (TimeoutError, ConnectionError)):
+        return True
+    if _error_code(exc) in _TRANSIENT_CODES:
+        return True
+    name = type(exc).__name__
+    if any(s in name for s in ("Timeout", "Connection", "ServerDisconnected", "ClientPayload",
+                               "ResponseStreamingError", "IncompleteRead", "ReadError")):
+        return True
+    text = str(exc)
+    return any(s in text for s in ("503", "500 ", "SlowDown", "Throttl", "timed out",
+                                   "Connection reset", "ConditionalRequestConflict"))
+
+
+def _explain(exc: BaseException, url: str, key: str) -> Exception:
+    """Turn a backend exception into a one-line StorageError with a hint."""
+    name, text = type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else ""
+    if "NoCredentials" in name or "credentials" in text.lower():
+        return StorageError(f"no credentials for {url}",
+                            "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+    if isinstance(exc, PermissionError) or _error_code(exc) in ("AccessDenied", "403",
+                                                                 "InvalidAccessKeyId",
+                                                                 "SignatureDoesNotMatch"):
+        return StorageError(f"access denied to {url} ({key})",
+                            "check the credentials and the bucket policy")
+    if _error_code(exc) in ("NoSuchBucket",) or "NoSuchBucket" in text:
+        return StorageError(f"bucket of {url} does not exist", "create the bucket first")
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return StorageError(f"no space left on the storage {url} while writing {key}",
+                            "free space on the shared folder; nothing was half-written")
+    if _is_transient(exc):
+        return StorageError(f"storage {url} unreachable after {RETRIES} retries ({name})",
+                            "check the network or endpoint; cron will retry")
+    return StorageError(f"storage error on {url} at {key}: {name}: {text}",
+                        "check the storage URL and endpoint")
+
+
+class LocalStorage(Storage):
+    """A local or NFS folder. Create-only via link(2): atomic, and exclusive on NFS too."""
+
+    atomic_create = True
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().absolute()
+        self.url = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"bad storage key {key!r}")
+        return self.root / key
+
+    def _raw_get(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def _raw_exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def _raw_list(self, prefix: str) -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return []
+        return [p.relative_to(self.root).as_posix() for p in base.rglob("*")
+                if p.is_file() and not p.name.startswith(".tmp-")]
+
+    def _raw_put_new(self, key: str, data: bytes) -> None:
+        final = self._path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.parent / f".tmp-{final.name}-{secrets.token_hex(6)}"
+        try:
+            with open(tmp, "xb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.link(tmp, final)  # FileExistsError if another writer won
+            dir_fd = os.open(final.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class FsspecStorage(Storage):
+    """Any fsspec URL. Only S3 (s3fs, If-None-Match) has an atomic create-only write."""
+
+    def __init__(self, url: str, endpoint_url: str | None = None):
+        import fsspec  # imported here: the local default never pays for it
+
+        self.url = url.rstrip("/")
+        protocol, _, path = self.url.partition("://")
+        options: dict = {"skip_instance_cache": True}
+        if protocol in ("s3", "s3a"):
+            endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            # Listings must never come from a cache: membership is read from them.
+            options.update(use_listings_cache=False,
+                           # our own retry loop (with read-back) is the one that counts
+                           config_kwargs={"retries": {"max_attempts": 2, "mode": "standard"},
+                                          "connect_timeout": 10, "read_timeout": 120})
+            if endpoint:
+                options["endpoint_url"] = endpoint
+            self.atomic_create = True
+        try:
+            self.fs = fsspec.filesystem(protocol, **options)
+        except (ImportError, ValueError) as exc:
+            raise StorageError(f"unsupported storage URL {url!r}: {exc}",
+                               "use a folder path or s3://bucket/prefix") from None
+        self.root = path.rstrip("/")
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{key}" if key else self.root
+
+    def _raw_get(self, key: str) -> bytes:
+        return self.fs.cat_file(self._path(key))
+
+    def _raw_exists(self, key: str) -> bool:
+        return self.fs.exists(self._path(key))
+
+    def _raw_list(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        try:
+            found = self.fs.find(base)
+        except FileNotFoundError:
+            return []
+        strip = len(self.root) + 1
+        return [p[strip:] for p in found if p.startswith(self.root + "/")]
+
+    def _raw_put_new(self, key: str, data: bytes) -> None:
+        self.fs.pipe_file(self._path(key), data, mode="create")
+
+
+def open_storage(url: str, endpoint_url: str | None = None) -> Storage:
+    """A plain path or file:// URL is the embedded default; anything else goes to fsspec."""
+    if "://" not in url:
+        return LocalStorage(url)
+    if url.startswith("file://"):
+        return LocalStorage(url[len("file://"):])
+    return FsspecStorage(url, endpoint_url)
+
+
+def probe(storage: Storage) -> None:
+    """Prove create-only writes hold here before a federation relies on them."""
+    if not storage.atomic_create:
+        raise StorageError(f"storage {storage.url} cannot do atomic create-only writes",
+                           "use a local/NFS folder or S3 (AWS, MinIO) that supports If-None-Match")
+    key = f"probe/{secrets.token_hex(8)}"
+    storage.put_new(key, b"first")
+    try:
+        storage._retry(lambda: storage._raw_put_new(key, b"second"), key)
+    except FileExistsError:
+        pass
+    else:
+        raise StorageError(f"storage {storage.url} silently overwrote an existing object",
+                           "use a store that honours If-None-Match (AWS S3 since 2024, MinIO)")
+    if storage.get(key) != b"first":
+        raise StorageError(f"storage {storage.url} lost a create-only write", "use another store")

@@ -1,0 +1,49 @@
+"""Shared fixtures: a real S3-protocol server on loopback, storage backends, site homes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """Start the loopback S3 server once per session; set AWS_* for this process and children."""
+    proc = subprocess.Popen([sys.executable, str(HERE / "s3_server.py")], stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    port = int(proc.stdout.readline())
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                            "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_ENDPOINT_URL=endpoint, AWS_DEFAULT_REGION="us-east-1")
+    yield endpoint
+    proc.kill()
+    proc.wait()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def new_bucket(endpoint: str) -> str:
+    import boto3
+
+    name = f"p2pfed-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return f"s3://{name}/fed"
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage_url(request, tmp_path):
+    """A fresh, empty storage location on each backend."""
+    if request.param == "local":
+        return str(tmp_path / "shared")
+    return new_bucket(request.getfixturevalue("s3_endpoint"))
