@@ -4,6 +4,7 @@ Expected failures print one line (message and hint) on stderr and exit with the
 error's documented code (README.md, "Exit codes"); never a traceback."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
@@ -114,6 +115,7 @@ def init(
     nnunet_raw: Optional[str] = Raw, nnunet_preprocessed: Optional[str] = Pre,
     nnunet_results: Optional[str] = Res, device: str = Device,
     endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the federation id and key fingerprint as JSON."),
 ):
     """Create a federation on STORAGE, with this site as its founder and first member."""
     from p2pfed import node
@@ -127,6 +129,8 @@ def init(
                         max_update_norm=max_update_norm)
     opts = _local_options(site, dataset, nnunet_raw, nnunet_preprocessed, nnunet_results, device, endpoint, home)
     config, public = node.init(storage, opts, settings)
+    if as_json:
+        return emit_json({"federation": config.federation, "site": site, "fingerprint": public.fingerprint()})
     out.print(f"Created federation {config.federation} on {config.storage}")
     out.print(f"Site {site!r} is its founder. Key fingerprint: {public.fingerprint()}")
     out.print(f"Other sites join with: p2pfed join {config.storage} --site NAME --dataset ID")
@@ -140,12 +144,15 @@ def join(
     nnunet_raw: Optional[str] = Raw, nnunet_preprocessed: Optional[str] = Pre,
     nnunet_results: Optional[str] = Res, device: str = Device,
     endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print the federation id and key fingerprint as JSON."),
 ):
     """Ask to join the federation on STORAGE. A member then runs `p2pfed admit`."""
     from p2pfed import node
 
     opts = _local_options(site, dataset, nnunet_raw, nnunet_preprocessed, nnunet_results, device, endpoint, home)
     config, public, fed = node.join(storage, opts)
+    if as_json:
+        return emit_json({"federation": fed.id, "site": site, "fingerprint": public.fingerprint()})
     out.print(f"Join request for {site!r} published to federation {fed.id} (founder {fed.founder}).")
     out.print(f"Key fingerprint: {public.fingerprint()}")
     out.print(f"Send this fingerprint to a member out of band; they run: "
@@ -167,6 +174,86 @@ def admit(
     out.print(f"Admitted {name!r} (fingerprint {who.fingerprint()}).")
     if fingerprint is None:
         out.print("[yellow]Warning:[/] no --fingerprint given; compare the one above with the site out of band.")
+
+
+# --------------------------------------------------------------------------- progress
+def _progress_bar():
+    """A rich progress bar on a terminal; nothing under cron."""
+    if not err.is_terminal:
+        return None, None
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=err, transient=True)
+    tasks: dict = {}
+
+    def update(what, done, total):
+        label = what if isinstance(what, str) else f"epoch {what}"
+        if label not in tasks:
+            tasks[label] = bar.add_task(label, total=total)
+        bar.update(tasks[label], completed=done, total=total)
+
+    return bar, update
+
+
+def _tick(home, site, say):
+    from p2pfed import node
+    from p2pfed.site import SiteHome, TickBusy
+    from p2pfed.tick import Report, Tick
+
+    try:
+        # nnU-Net prints freely; stdout is kept for this command's own result (--json)
+        with SiteHome(home, site).lock(), contextlib.redirect_stdout(sys.stderr):
+            home_, config, fed = node.open_site(home, site)
+            bar, update = _progress_bar()
+            if bar is None:
+                return Tick(home_, config, fed, say=say).run()
+            with bar:
+                return Tick(home_, config, fed, say=say, progress=update).run()
+    except TickBusy:
+        return Report(site, phase="busy", message=f"another tick of site {site!r} is running; nothing done")
+
+
+@app.command("round")
+@handled
+def round_(
+    site: str = SiteOpt, home: Optional[str] = HomeOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print what the tick did as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the final line."),
+):
+    """One idempotent tick: do every next step this site can, then exit. Call it from cron.
+
+    Exit 0 also when waiting for other sites or when another tick is running."""
+    say = (lambda line: None) if (quiet or as_json) else (lambda line: err.print(f"[dim]{site}:[/] {line}"))
+    report = _tick(home, site, say)
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        out.print(f"{site}: {report.message or 'done: ' + '; '.join(report.actions)}", markup=False)
+
+
+@app.command()
+@handled
+def run(
+    site: str = SiteOpt, home: Optional[str] = HomeOpt,
+    interval: float = typer.Option(60.0, "--interval", help="Seconds between ticks while waiting."),
+):
+    """Tick until the federation is finished (for machines without cron)."""
+    from p2pfed.errors import StorageError
+
+    while True:
+        try:
+            report = _tick(home, site, lambda line: err.print(f"[dim]{site}:[/] {line}"))
+        except StorageError as exc:  # transient outages must not end a days-long run
+            err.print(f"p2pfed: storage problem, retrying in {interval:g} s: {exc.message}", markup=False)
+            time.sleep(interval)
+            continue
+        if report.finished:
+            out.print(f"{site}: {report.message}", markup=False)
+            return
+        if not report.actions:
+            out.print(f"{site}: {report.message}", markup=False)
+            time.sleep(interval)
 
 
 # --------------------------------------------------------------------------- audit

@@ -43,3 +43,12 @@ def dataset_json(raw: str | Path, dataset: str) -> dict:
             raise DatasetError(f"{path.parent.name}/dataset.json lacks {key!r}",
                                "nnU-Net v2 needs channel_names, labels, numTraining and file_ending")
     return obj
+
+
+def check_trainable(raw: str | Path, preprocessed: str | Path, dataset: str, fold: int) -> None:
+    """nnU-Net splits the training cases 5-fold unless splits_final.json says otherwise."""
+    name = dataset_name(raw, dataset)
+    n = len(list((Path(raw) / name / "labelsTr").glob("*")))
+    if n < 5 and fold != -1 and not (Path(preprocessed) / name / "splits_final.json").exists():
+        raise DatasetError(f"{name} has {n} labelled training cases; nnU-Net's 5-fold split needs at least 5",
+                           f"add cases, or write nnUNet_preprocessed/{name}/splits_final.json with your own split")

@@ -106,6 +106,7 @@ class Federation:
     founder: str
     versions: dict
     created: int
+    schema: dict
     members: dict[str, PublicIdentity] = field(default_factory=dict)
     admitted_by: dict[str, str] = field(default_factory=dict)
     pending: dict[str, PublicIdentity] = field(default_factory=dict)
@@ -118,11 +119,14 @@ class Federation:
 
 
 # --------------------------------------------------------------------------- creation
-def create(storage: Storage, founder: Identity, settings: Settings) -> tuple[str, str]:
-    """Write federation.json and the founder's member record. Returns (id, genesis sha256)."""
+def create(storage: Storage, founder: Identity, settings: Settings, schema: dict) -> tuple[str, str]:
+    """Write federation.json and the founder's member record. Returns (id, genesis sha256).
+
+    `schema` is the founder's dataset.json labels, channel names and file ending: every
+    joining site is checked against it before it shares anything."""
     fed_id = secrets.token_hex(16)
     body = {"kind": "federation", "format": FORMAT, "federation": fed_id, "created": int(time.time()),
-            "founder": founder.public().to_json(), "settings": asdict(settings),
+            "founder": founder.public().to_json(), "settings": asdict(settings), "dataset_schema": schema,
             "versions": {"p2pfed": version_of("p2pfed"), "nnunetv2": version_of("nnunetv2")}}
     genesis = sign_record(body, founder)
     try:
@@ -205,7 +209,8 @@ def load(storage: Storage, pinned_genesis: str | None = None) -> Federation:
         raise IntegrityError(f"federation format {body.get('format')} is not supported",
                              "upgrade p2pfed on this site")
     fed = Federation(storage, body["federation"], genesis_sha, Settings.from_json(body["settings"]),
-                     founder.site, body.get("versions", {}), int(body.get("created", 0)))
+                     founder.site, body.get("versions", {}), int(body.get("created", 0)),
+                     body.get("dataset_schema", {}))
     _load_members(fed, founder)
     _load_pending(fed)
     return fed

@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import federation as fedmod
+from . import ffe
 from . import layout
 from .crypto import Identity, PublicIdentity
-from .dataset import dataset_json
+from .dataset import check_trainable, dataset_json
 from .errors import SetupError, UsageError
 from .federation import Federation, Settings
 from .site import DEVICES, SiteConfig, SiteHome
@@ -36,7 +37,7 @@ def _folder(given: str | None, env: str, flag: str) -> str:
     return str(Path(value).expanduser().absolute())
 
 
-def _prepare(opts: LocalOptions) -> tuple[SiteHome, dict]:
+def _prepare(opts: LocalOptions) -> tuple[SiteHome, dict, dict]:
     if not layout.valid_site(opts.site):
         raise UsageError(f"invalid site name {opts.site!r}",
                          "use letters, digits, '.', '_' or '-' (at most 63), starting with a letter or digit")
@@ -50,8 +51,14 @@ def _prepare(opts: LocalOptions) -> tuple[SiteHome, dict]:
                "nnunet_preprocessed": _folder(opts.nnunet_preprocessed, "nnUNet_preprocessed",
                                               "--nnunet-preprocessed"),
                "nnunet_results": _folder(opts.nnunet_results, "nnUNet_results", "--nnunet-results")}
-    dataset_json(folders["nnunet_raw"], opts.dataset)  # a missing dataset fails here, not days later
-    return home, folders
+    # a missing or malformed dataset fails here, not days later in a cron log
+    info = ffe.dataset_info(dataset_json(folders["nnunet_raw"], opts.dataset))
+    return home, folders, info
+
+
+def check_schema(fed: Federation, site: str, info: dict) -> None:
+    """Labels, channels and file ending must match the federation's before anything is shared."""
+    ffe.merge_dataset_info({fed.founder: {**fed.schema, "numTraining": 0}, site: info})
 
 
 def _save(home: SiteHome, opts: LocalOptions, folders: dict, identity: Identity, storage: Storage,
@@ -64,21 +71,25 @@ def _save(home: SiteHome, opts: LocalOptions, folders: dict, identity: Identity,
 
 
 def init(storage_url: str, opts: LocalOptions, settings: Settings) -> tuple[SiteConfig, PublicIdentity]:
-    home, folders = _prepare(opts)
+    home, folders, info = _prepare(opts)
     storage = open_storage(storage_url, opts.endpoint_url)
     if storage.exists(layout.FEDERATION):
         raise SetupError(f"a federation already exists at {storage.url}",
                          "use `p2pfed join` to join it, or pick another storage location")
     probe(storage)
     identity = Identity.generate(opts.site)
-    fed_id, genesis = fedmod.create(storage, identity, settings)
+    check_trainable(folders["nnunet_raw"], folders["nnunet_preprocessed"], opts.dataset, settings.fold)
+    schema = {k: v for k, v in info.items() if k != "numTraining"}
+    fed_id, genesis = fedmod.create(storage, identity, settings, schema)
     return _save(home, opts, folders, identity, storage, fed_id, genesis), identity.public()
 
 
 def join(storage_url: str, opts: LocalOptions) -> tuple[SiteConfig, PublicIdentity, Federation]:
-    home, folders = _prepare(opts)
+    home, folders, info = _prepare(opts)
     storage = open_storage(storage_url, opts.endpoint_url)
     fed = fedmod.load(storage)
+    check_schema(fed, opts.site, info)
+    check_trainable(folders["nnunet_raw"], folders["nnunet_preprocessed"], opts.dataset, fed.settings.fold)
     identity = Identity.generate(opts.site)
     fedmod.request_join(storage, fed, identity)
     config = _save(home, opts, folders, identity, storage, fed.id, fed.genesis_sha256)

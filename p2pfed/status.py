@@ -1,0 +1,222 @@
+"""`p2pfed status`: one JSON document (stable, versioned) rendered as tables or plotted.
+
+Without a site it shows what the storage operator could see too (membership, seals,
+who committed what). With a site, it also decrypts the per-round metrics."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from . import federation as fedmod
+from . import layout
+from .crypto import Identity
+from .errors import P2PFedError, UsageError
+from .federation import Federation
+from .objects import read_envelope, read_record
+from .storage import open_storage
+
+STATUS_FORMAT = "p2pfed-status/1"
+METRICS = ("train_loss", "val_loss", "pseudo_dice")
+
+
+def document(home: str | None, site: str | None, storage: str | None, endpoint: str | None) -> dict:
+    if site:
+        from .node import open_site
+
+        home_, config, fed = open_site(home, site)
+        reader = home_.identity()
+        local = home_.state()
+    elif storage:
+        fed, reader, local = fedmod.load(open_storage(storage, endpoint)), None, {}
+    else:
+        raise UsageError("give --site NAME (to decrypt metrics) or --storage URL")
+    return build(fed, reader, local)
+
+
+def build(fed: Federation, reader: Identity | None, local: dict | None = None) -> dict:
+    keys = fed.storage.list_prefix("")
+    doc = {
+        "format": STATUS_FORMAT,
+        "storage": fed.storage.url,
+        "federation": {"id": fed.id, "founder": fed.founder, "created": fed.created,
+                       "settings": asdict(fed.settings), "versions": fed.versions},
+        "members": [{"site": s, "fingerprint": i.fingerprint(), "admitted_by": fed.admitted_by.get(s)}
+                    for s, i in sorted(fed.members.items())],
+        "pending": [{"site": s, "fingerprint": i.fingerprint()} for s, i in sorted(fed.pending.items())],
+        "participants": [],
+        "rounds": [],
+        "final": {},
+        "viewer": reader.site if reader else None,
+    }
+    if layout.FINGERPRINT_SEAL in keys:
+        doc["participants"] = read_record(fed, layout.FINGERPRINT_SEAL, "fingerprint-seal")["participants"]
+    doc["plans"] = {k.split("/")[1][:-5]: read_record(fed, k, "plan-hash")["plan_sha256"]
+                    for k in keys if k.startswith("plans/") and k.endswith(".json")}
+    doc["rounds"] = _rounds(fed, keys, reader, doc["participants"])
+    for key in keys:
+        if key.startswith("final/"):
+            s = key[len("final/"):-len(".p2pf")]
+            doc["final"][s] = _decrypt(fed, key, "final", s, reader)
+    doc["phase"] = _phase(fed, keys, doc)
+    if local:
+        doc["local"] = {k: local.get(k) for k in ("round", "results_folder", "final_dice", "finished") if k in local}
+    return doc
+
+
+def _decrypt(fed, key, kind, site, reader, **binding):
+    if reader is None:
+        return None
+    try:
+        return json.loads(read_envelope(fed, key, kind, reader, author=site, **binding)[1])
+    except P2PFedError as exc:
+        return {"error": exc.message}
+
+
+def _rounds(fed: Federation, keys: list[str], reader, participants: list[str]) -> list[dict]:
+    by_round: dict[int, list[str]] = {}
+    for key in keys:
+        r = layout.round_of(key)
+        if r is not None:
+            by_round.setdefault(r, []).append(key)
+    rounds = []
+    for r in sorted(by_round):
+        present = set(by_round[r])
+        seal = read_record(fed, layout.seal(r), "seal") if layout.seal(r) in present else None
+        entry = {"round": r, "sealed": seal is not None,
+                 "seal": {k: seal[k] for k in ("contributions", "reason", "opened_at", "sealed_at", "author")} if seal else None,
+                 "sites": {}}
+        merged = {k.rsplit("/", 1)[1][:-5]: read_record(fed, k, "merged")
+                  for k in present if k.startswith(f"{layout.round_dir(r)}/merged/")}
+        for s in participants or sorted(fed.members):
+            committed = layout.commit(r, s) in present
+            counted = bool(seal and s in seal["contributions"])
+            meta = _decrypt(fed, layout.meta(r, s), "meta", s, reader, round=r) \
+                if committed and layout.meta(r, s) in present else None
+            entry["sites"][s] = {
+                "committed": committed, "counted": counted,
+                "missed": bool(seal) and not counted and r > 0,
+                "cases": (meta or {}).get("cases"),
+                "metrics": {m: (meta or {}).get("metrics", {}).get(m) for m in METRICS} if meta else None,
+                "merged_result": merged[s]["result"] if s in merged else None,
+                "merged_model": merged[s]["per_site"].get(s) if s in merged else None,
+            }
+        results = {m["result"] for m in merged.values()}
+        entry["merge_agreed"] = None if not results else len(results) == 1
+        rounds.append(entry)
+    return rounds
+
+
+def _phase(fed: Federation, keys: list[str], doc: dict) -> dict:
+    """A short description of where the federation is and whom it waits for."""
+    s, parts = fed.settings, doc["participants"]
+    if not parts:
+        more = max(0, s.sites - len(fed.members))
+        return {"name": "joining", "waiting_for": [f"{more} more site(s)"] if more else ["a first tick"]}
+    if len(doc["final"]) == len(parts):
+        return {"name": "done", "waiting_for": []}
+    if s.mode == "ffe":
+        for kind, fn in (("fingerprint", layout.summary), ("histogram", layout.histogram)):
+            missing = [p for p in parts if fn(p) not in keys]
+            if missing:
+                return {"name": "fingerprint", "step": kind, "waiting_for": missing}
+    missing = [p for p in parts if p not in doc["plans"]]
+    if missing:
+        return {"name": "plan", "waiting_for": missing}
+    sealed = [e["round"] for e in doc["rounds"] if e["sealed"]]
+    current = (max(sealed) + 1) if sealed else (0 if s.mode == "ffe" else 1)
+    if current > s.rounds:
+        return {"name": "final", "waiting_for": [p for p in parts if p not in doc["final"]]}
+    open_entry = next((e for e in doc["rounds"] if e["round"] == current), None)
+    waiting = [p for p in parts if not (open_entry and open_entry["sites"][p]["committed"])]
+    return {"name": "round", "round": current, "waiting_for": waiting}
+
+
+# --------------------------------------------------------------------------- rendering
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def render(doc: dict, console) -> None:
+    from rich.table import Table
+
+    fed, st = doc["federation"], doc["federation"]["settings"]
+    console.print(f"[bold]Federation[/] {fed['id']} on {doc['storage']}")
+    console.print(f"mode {st['mode']}, {st['configuration']} fold {st['fold']}, {st['rounds']} rounds x "
+                  f"{st['epochs_per_round']} epoch(s) x {st['iterations_per_epoch']} iterations; "
+                  f"quorum {st['quorum'] or st['sites']}/{st['sites']}, deadline {st['deadline_s']} s; "
+                  f"weighting {st['weighting']}, layers {st['layers']}")
+    phase = doc["phase"]
+    where = phase["name"] + (f" {phase['round']}" if "round" in phase else "")
+    console.print(f"[bold]Phase:[/] {where}" + (f"; waiting for {', '.join(phase['waiting_for'])}"
+                                                 if phase["waiting_for"] else ""))
+    members = Table(title="Members")
+    for col in ("site", "fingerprint", "admitted by", "plan"):
+        members.add_column(col)
+    for m in doc["members"]:
+        members.add_row(m["site"], m["fingerprint"][:16] + "…", m["admitted_by"] or "-",
+                        (doc["plans"].get(m["site"]) or "-")[:12])
+    for p in doc["pending"]:
+        members.add_row(p["site"], p["fingerprint"][:16] + "…", "[yellow]pending[/]", "-")
+    console.print(members)
+    if doc["rounds"]:
+        sites = doc["participants"] or [m["site"] for m in doc["members"]]
+        table = Table(title="Rounds (train loss / val loss / pseudo-Dice)")
+        table.add_column("round")
+        for s in sites:
+            table.add_column(s)
+        table.add_column("merge")
+        for e in doc["rounds"]:
+            cells = []
+            for s in sites:
+                c = e["sites"].get(s, {})
+                if c.get("missed"):
+                    cells.append("[red]missed[/]")
+                elif not c.get("committed"):
+                    cells.append("…")
+                elif c.get("metrics"):
+                    m = c["metrics"]
+                    cells.append(" / ".join(_fmt(m[k]) for k in METRICS))
+                else:
+                    cells.append("committed")
+            agreed = {None: "-", True: "agreed", False: "[red]MISMATCH[/]"}[e["merge_agreed"]]
+            table.add_row(str(e["round"]) + ("" if e["sealed"] else " (open)"), *cells, agreed)
+        console.print(table)
+    if doc["final"]:
+        final = Table(title="Final models (local validation Dice)")
+        final.add_column("site")
+        final.add_column("model")
+        final.add_column("Dice")
+        for s, f in sorted(doc["final"].items()):
+            dice = (f or {}).get("validation_dice") or {}
+            final.add_row(s, ((f or {}).get("model") or "-")[:16], _fmt(dice.get("foreground")) if dice else "-")
+        console.print(final)
+
+
+def plot(doc: dict, path: Path) -> Path:
+    """Per-site curves of train loss, validation loss and pseudo-Dice over rounds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 3.6))
+    sites = doc["participants"] or [m["site"] for m in doc["members"]]
+    for ax, metric in zip(axes, METRICS):
+        for s in sites:
+            pts = [(e["round"], e["sites"][s]["metrics"][metric]) for e in doc["rounds"]
+                   if e["round"] > 0 and e["sites"].get(s, {}).get("metrics")
+                   and e["sites"][s]["metrics"].get(metric) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=s)
+        ax.set_title(metric.replace("_", " "))
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"federation {doc['federation']['id'][:8]}")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
