@@ -1,0 +1,85 @@
+"""The synthetic multi-site generator: deterministic, heterogeneous, readable by nnU-Net."""
+import json
+
+import numpy as np
+import pytest
+from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+from p2pfed.errors import DatasetError
+from p2pfed.synthetic import make_federation, make_pooled, make_site, site_profile
+
+
+def _read(folder, case, split="Tr"):
+    """A case through nnU-Net's own reader, chosen from dataset.json as nnU-Net does."""
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    n = len(dataset_json["channel_names"])
+    images = [str(folder / f"images{split}" / f"{case}_{c:04d}.nii.gz") for c in range(n)]
+    reader = determine_reader_writer_from_dataset_json(dataset_json, images[0], verbose=False)()
+    data, props = reader.read_images(images)
+    seg, _ = reader.read_seg(str(folder / f"labels{split}" / f"{case}.nii.gz"))
+    return data, seg, props["spacing"]
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory):
+    raw = tmp_path_factory.mktemp("raw")
+    return make_federation(raw, 3, channels=("MRI", "CT"), seed=3), raw
+
+
+def test_same_seed_same_data_other_seed_other_data(tmp_path, sites):
+    (first, *_), _ = sites
+    again = make_site(tmp_path / "again", 101, 0, n_train=6, channels=("MRI", "CT"), seed=3)
+    other = make_site(tmp_path / "other", 101, 0, n_train=6, channels=("MRI", "CT"), seed=4)
+    assert (again / "dataset.json").read_text() == (first / "dataset.json").read_text()
+    for k in range(6):
+        a, b = _read(first, f"sitea_{k:03d}"), _read(again, f"sitea_{k:03d}")
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(_read(first, "sitea_000")[0], _read(other, "sitea_000")[0])
+
+
+def test_layout_and_nnunet_readability(sites):
+    folders, _ = sites
+    for folder in folders:
+        dataset_json = json.loads((folder / "dataset.json").read_text())
+        assert dataset_json["channel_names"] == {"0": "MRI", "1": "CT"}
+        assert dataset_json["labels"] == {"background": 0, "organ": 1, "lesion": 2}
+        n_train = len(list((folder / "labelsTr").glob("*.nii.gz")))
+        assert n_train == dataset_json["numTraining"] == len(list((folder / "imagesTr").glob("*.nii.gz"))) / 2
+        assert len(list((folder / "labelsTs").glob("*.nii.gz"))) == 2
+        data, seg, spacing = _read(folder, f"{folder.name.split('_')[1].lower()}_000", "Ts")
+        assert data.shape[0] == 2 and data.shape[1] == 1 and seg.shape == (1,) + data.shape[1:]
+        assert spacing[0] == 999.0 and set(np.unique(seg)) == {0, 1, 2}
+
+
+def test_sites_are_heterogeneous(sites):
+    folders, _ = sites
+    cases = [_read(f, f"{f.name.split('_')[1].lower()}_000") for f in folders]
+    spacings = [tuple(np.round(c[2], 3)) for c in cases]
+    shapes = [c[0].shape[1:] for c in cases]
+    ct_means = [c[0][1][c[1][0] > 0].mean() for c in cases]
+    mri_means = [c[0][0][c[1][0] > 0].mean() for c in cases]
+    counts = [json.loads((f / "dataset.json").read_text())["numTraining"] for f in folders]
+    assert len(set(spacings)) == len(set(shapes)) == len(set(counts)) == 3
+    assert max(ct_means) - min(ct_means) > 50  # HU
+    assert max(mri_means) / min(mri_means) > 10  # arbitrary scale
+    # the field of view (zero padding nnU-Net crops away) differs too
+    assert len({round(float((c[0][1] == 0).mean()), 2) for c in cases}) == 3
+
+
+def test_3d_variant_is_small_and_anisotropic(tmp_path):
+    folder = make_site(tmp_path, 5, 2, n_train=1, n_test=0, dim=3)
+    data, seg, spacing = _read(folder, "sitec_000")
+    assert data.shape[1:] == site_profile(2, dim=3).shape and data.shape[1] > 1
+    assert spacing[0] > 3 * spacing[1] and np.prod(data.shape) < 40 ** 3
+
+
+def test_pooled_union(sites, tmp_path):
+    folders, raw = sites
+    pooled = make_pooled(folders, raw, 199)
+    dataset_json = json.loads((pooled / "dataset.json").read_text())
+    assert dataset_json["numTraining"] == 6 + 10 + 4 == len(list((pooled / "labelsTr").glob("*.nii.gz")))
+    assert len(list((pooled / "imagesTs").glob("*.nii.gz"))) == 3 * 2 * 2
+    assert np.array_equal(_read(pooled, "siteb_003")[0], _read(folders[1], "siteb_003")[0])
+    ct_only = make_site(tmp_path, 104, 3, n_train=1, channels=("CT",))
+    with pytest.raises(DatasetError, match="channel_names"):
+        make_pooled([folders[0], ct_only], tmp_path, 198)
