@@ -305,6 +305,44 @@ def verify(
         raise IntegrityError(f"{len(bad)} bad object(s), first: {bad[0].key}: {bad[0].detail}")
 
 
+# --------------------------------------------------------------------------- demo
+@app.command()
+@handled
+def simulate(
+    workdir: Path = typer.Argument(Path("p2pfed-demo"), help="New folder for the sites, homes and shared storage."),
+    sites: int = typer.Option(3, "--sites", help="Number of synthetic sites."),
+    mode: str = typer.Option("ffe", "--mode", help="ffe or asym."),
+    rounds: int = typer.Option(3, "--rounds", help="Federated rounds."),
+    iterations: int = typer.Option(10, "--iterations-per-epoch", help="nnU-Net iterations per epoch (tiny for a demo)."),
+    dim: int = typer.Option(2, "--dim", help="2 (2-D images, 2d configuration) or 3 (small volumes, 3d_fullres)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the synthetic data."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Shared storage [default: WORKDIR/shared]."),
+    final_validation: bool = typer.Option(True, "--final-validation/--no-final-validation",
+                                          help="Run nnU-Net's validation on each site's final model."),
+):
+    """Run a whole federation of synthetic sites on this machine, each site in its own
+    process ticking as cron would; print the per-site results at the end."""
+    from p2pfed import simulate as sim
+    from p2pfed.errors import UsageError
+
+    if workdir.exists() and any(workdir.iterdir()):
+        raise UsageError(f"{workdir} exists and is not empty", "remove it or give another WORKDIR")
+    if dim not in (2, 3):
+        raise UsageError("--dim must be 2 or 3")
+    init_args = ["--mode", mode, "--rounds", str(rounds), "--iterations-per-epoch", str(iterations),
+                 "--val-iterations", "2", "--configuration", "2d" if dim == 2 else "3d_fullres",
+                 "--final-validation" if final_validation else "--no-final-validation"]
+    out.print(f"Generating {sites} synthetic sites in {workdir} and forming the federation ...")
+    simulation = sim.setup(workdir, sites, storage=storage, init_args=init_args, dim=dim, seed=seed)
+    started = time.monotonic()
+    doc = sim.run_until_done(simulation, say=lambda line: out.print(line, markup=False))
+    out.print(f"Finished in {time.monotonic() - started:.0f} s and {simulation.ticks} ticks.")
+    from p2pfed import status as statusmod
+
+    statusmod.render_results(doc, out)
+    out.print(f"Inspect it with: p2pfed status --site {simulation.sites[0].name} --home {simulation.home}")
+
+
 def main() -> None:
     app()
 

@@ -1,4 +1,4 @@
-"""Federated Fingerprint Extraction (FFE): the pure merge (docs/ffe.md is normative).
+"""Federated Fingerprint Extraction (FFE): the pure merge (docs/design.md section 6 is normative).
 
 Every site publishes a *summary* (dataset.json compatibility info, per-case geometry, and
 per-channel foreground moments and min/max aggregated over its cases), then, once all

@@ -1,4 +1,4 @@
-"""Weight merges: AsymFedAvg and FedAvg as one pure function (docs/merge.md).
+"""Weight merges: AsymFedAvg and FedAvg as one pure function (docs/design.md, section 5).
 
 Pure: arrays in, arrays out; no I/O, no logging, no torch import. Every site runs
 this merge itself, so the result must be the same bits on any CPU, with any thread

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 from . import crypto
 from .crypto import Identity
 from .errors import IntegrityError
+from .faults import after_write
 from .federation import Federation
 
 # key pattern -> (kind, is_envelope). The first group names the author site.
@@ -49,6 +50,7 @@ def put_record(fed: Federation, key: str, kind: str, body: Mapping[str, Any], au
     data = crypto.sign_record({**body, "federation": fed.id, "kind": kind, "name": key,
                                "author": author.site}, author)
     fed.storage.put_new(key, data)
+    after_write()
     return data
 
 
@@ -69,6 +71,7 @@ def put_envelope(fed: Federation, key: str, kind: str, payload: bytes, author: I
     blob = crypto.seal(payload, header={**binding, "federation": fed.id, "kind": kind, "name": key},
                        author=author, recipients=recipients or fed.members)
     fed.storage.put_new(key, blob)
+    after_write()
     return blob
 
 

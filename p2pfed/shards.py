@@ -1,4 +1,4 @@
-"""Weight shards and the streaming merge (docs/merge.md, "Shard format").
+"""Weight shards and the streaming merge (docs/design.md, section 5, "Shard format").
 
 A state dict travels as a list of shards: safetensors blobs of at most
 `max_bytes` of tensor data each (one tensor larger than that gets a shard of its

@@ -14,6 +14,8 @@ from typing import Callable
 
 from .errors import P2PFedError
 
+TICK_TIMEOUT_S = 1800  # a hung tick must fail the simulation, not block it
+
 
 @dataclass
 class SimSite:
@@ -39,7 +41,8 @@ class Simulation:
     def cli(self, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
         """Run `p2pfed ARGS` in a fresh process, as a site's cron job would."""
         cmd = [sys.executable, "-m", "p2pfed.cli.app", *args, "--home", str(self.home)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                              timeout=TICK_TIMEOUT_S)
         if check and proc.returncode != 0:
             raise P2PFedError(f"`p2pfed {' '.join(args)}` exited {proc.returncode}: "
                               f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")

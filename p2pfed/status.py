@@ -193,9 +193,34 @@ def render(doc: dict, console) -> None:
         console.print(final)
 
 
+def results(doc: dict) -> list[dict]:
+    """Per site: cases, last-round metrics, final model and its local validation Dice."""
+    rows = []
+    for s in doc["participants"]:
+        last = next((e["sites"][s] for e in reversed(doc["rounds"]) if e["sites"].get(s, {}).get("metrics")), {})
+        final = doc["final"].get(s) or {}
+        dice = final.get("validation_dice") or {}
+        rows.append({"site": s, "cases": last.get("cases"), **(last.get("metrics") or {}),
+                     "validation_dice": dice.get("foreground"), "model": final.get("model")})
+    return rows
+
+
+def render_results(doc: dict, console) -> None:
+    from rich.table import Table
+
+    table = Table(title="Per-site results")
+    for col in ("site", "cases", "train loss", "val loss", "pseudo-Dice", "final validation Dice", "final model"):
+        table.add_column(col)
+    for r in results(doc):
+        table.add_row(r["site"], _fmt(r["cases"]), _fmt(r.get("train_loss")), _fmt(r.get("val_loss")),
+                      _fmt(r.get("pseudo_dice")), _fmt(r["validation_dice"]), (r["model"] or "-")[:16])
+    console.print(table)
+
+
 def plot(doc: dict, path: Path) -> Path:
     """Per-site curves of train loss, validation loss and pseudo-Dice over rounds."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -210,6 +235,7 @@ def plot(doc: dict, path: Path) -> Path:
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=s)
         ax.set_title(metric.replace("_", " "))
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     axes[0].legend()

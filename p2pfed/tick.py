@@ -19,6 +19,7 @@ from typing import Callable
 
 from . import crypto, ffe, layout
 from .dataset import check_trainable
+from .faults import crash_point
 from .errors import ContributionRejected, FederationHalted, IntegrityError, SetupError
 from .federation import Federation
 from .objects import put_envelope, put_record, read_envelope, read_record
@@ -380,7 +381,7 @@ class Tick:
         spec = self._spec()
         start = (r - 1) * self.s.epochs_per_round
         self.say(f"round {r}/{self.s.rounds}: training {self.s.epochs_per_round} epoch(s) from epoch {start}")
-        result = train_round(spec, base_weights, self.s.epochs_per_round, progress=self.progress, start_epoch=start)
+        result = train_round(spec, base_weights, self.s.epochs_per_round, progress=self._train_progress, start_epoch=start)
         meta = {"round": r, "base": base, "cases": result.num_train_cases, "epoch": result.epoch,
                 "metrics": {"train_loss": result.train_loss, "val_loss": result.val_loss,
                             "pseudo_dice": result.pseudo_dice, "pseudo_dice_per_class": list(result.pseudo_dice_per_class),
@@ -395,6 +396,11 @@ class Tick:
         self._did(f"trained round {r}")
         return result.weights, meta
 
+    def _train_progress(self, epoch: int, iteration: int, total: int) -> None:
+        crash_point("train")
+        if self.progress:
+            self.progress(epoch, iteration, total)
+
     def _upload(self, r: int, weights, meta: dict, base: str | None) -> None:
         """Shards, then meta, then the commit: a commit is only ever written last."""
         from .shards import to_shards
@@ -406,11 +412,13 @@ class Tick:
             key = layout.shard(r, self.site, plain_sha)
             self._put_once(key, "shard", blob, round=r)
             shards.append({"key": key, "sha256": crypto.sha256_hex(self.st.get(key))})
+            crash_point("upload")
             if self.progress:
                 self.progress("upload", i + 1, len(blobs))
         meta = {**meta, "round": r, "base": base}
         self._put_once(layout.meta(r, self.site), "meta", crypto.canonical_json(meta), round=r)
         meta_ref = {"key": layout.meta(r, self.site), "sha256": crypto.sha256_hex(self.st.get(layout.meta(r, self.site)))}
+        crash_point("commit")
         self._record_once(layout.commit(r, self.site), "commit",
                           {"round": r, "base": base, "shards": shards, "meta": meta_ref})
         self._did(f"committed round {r}" if r else "published the initial model")
@@ -446,6 +454,7 @@ class Tick:
         else:
             return False
         body = {"round": r, "contributions": commits, "reason": reason, "opened_at": opened, "sealed_at": now}
+        crash_point("seal")
         self._try_create(layout.seal(r), "seal", body)
         return True
 
@@ -510,6 +519,7 @@ class Tick:
         def sink(site: str, i: int, blob: bytes) -> None:
             if site == target:
                 atomic_write(folder / f"{i:05d}.safetensors", blob)
+                crash_point("merge")
 
         self.say(f"merging round {r} ({', '.join(sorted(contributions))})")
         hashes = stream_merge(load, counts, weights=weights, layers=self.s.layers, sink=sink)
@@ -627,6 +637,7 @@ class Tick:
             self.say("writing the final nnU-Net results folder")
             folder = export_final(spec, weights, run_validation=self.s.final_validation)
             dice = validation_dice(folder, self.s.fold) if self.s.final_validation else None
+            crash_point("final")
             self._save(results_folder=str(folder), final_model=model, final_dice=dice)
             self._did("applied the final merge")
         if not self.st.exists(layout.final_metrics(self.site)):

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .crypto import Identity, sha256_hex, verify_envelope
+from .crypto import Identity, open_record, sha256_hex, verify_envelope
+from . import layout
 from .errors import IntegrityError, P2PFedError
 from .federation import Federation
 from .objects import kind_of, read_envelope, read_record
@@ -40,7 +41,10 @@ def _check(fed: Federation, key: str, reader: Identity | None) -> str:
     name, envelope, author = kind
     data = fed.storage.get(key)
     if not envelope:
-        read_record(fed, key, name, author, data=data)
+        body = read_record(fed, key, name, author, data=data)
+        for ref_key, sha in _references(name, body):
+            if not fed.storage.exists(ref_key) or sha256_hex(fed.storage.get(ref_key)) != sha:
+                raise IntegrityError(f"{key}: lists {ref_key}, which is missing or differs")
         return f"{name} record, signed by {author or 'a member'}"
     if name == "shard" and key.rsplit("/", 1)[1][:-len(".shard")] != _plain_hash(fed, key, data, reader):
         raise IntegrityError(f"{key}: content does not match its name")
@@ -50,6 +54,15 @@ def _check(fed: Federation, key: str, reader: Identity | None) -> str:
     verify_envelope(data, authors=fed.members, name=key,
                     expect={"federation": fed.id, "kind": name, "name": key, "author": author})
     return f"{name} envelope, signed by {author} (not encrypted for this site)"
+
+
+def _references(kind: str, body: dict) -> list[tuple[str, str]]:
+    """(key, sha256) of the objects a commit or a seal vouches for: all must be there."""
+    if kind == "commit":
+        return [(ref["key"], ref["sha256"]) for ref in body.get("shards", []) + [body.get("meta", {})]]
+    if kind == "seal":
+        return [(layout.commit(body["round"], site), sha) for site, sha in body.get("contributions", {}).items()]
+    return []
 
 
 def _plain_hash(fed: Federation, key: str, data: bytes, reader: Identity | None) -> str:
@@ -65,6 +78,10 @@ def _check_membership(fed: Federation, key: str) -> str:
     site = key.split("/", 1)[-1][:-len(".json")]
     if key.startswith("members/") and site not in fed.members:
         raise IntegrityError(f"{key}: not a verified member record")
-    if key.startswith("joins/") and site not in fed.members and site not in fed.pending:
-        raise IntegrityError(f"{key}: join request is not validly self-signed")
+    if key.startswith("joins/"):
+        ident = fed.members.get(site) or fed.pending.get(site)
+        if ident is None:
+            raise IntegrityError(f"{key}: join request is not validly self-signed")
+        open_record(fed.storage.get(key), authors={site: ident}, name=key,
+                    expect=fed.expect("join", site=site, name=key, author=site))
     return "membership record, verified"

@@ -1,4 +1,4 @@
-"""nnU-Net side of Federated Fingerprint Extraction (docs/ffe.md).
+"""nnU-Net side of Federated Fingerprint Extraction (docs/design.md, section 6).
 
 Reads the site's raw dataset exactly as nnU-Net's DatasetFingerprintExtractor does (reader
 chosen from dataset.json, `crop_to_nonzero`, foreground = label > 0 after cropping) and
@@ -153,7 +153,7 @@ def _tasks(dataset: int | str) -> tuple[str, dict, list[tuple]]:
 # --- FFE payloads --------------------------------------------------------------------------
 
 def local_summary(dataset: int | str, num_processes: int = 1) -> dict:
-    """This site's FFE summary payload (docs/ffe.md, "Summary")."""
+    """This site's FFE summary payload (docs/design.md, section 6, "Summary payload")."""
     name, info, tasks = _tasks(dataset)
     results = list(_imap(_summarize_case, tasks, num_processes, f"{name}: summary"))
     summary = ffe.site_summary(info, [g for g, _ in results], [m for _, m in results])

@@ -5,7 +5,7 @@ local state (optimizer, grad scaler, logger) from the site's `checkpoint_latest.
 replace the network weights by the merged model, run `epochs` epochs with the
 trainer's own hooks, save the checkpoint atomically, stop the augmentation workers
 and return the new weights. `export_final` writes a standard nnU-Net results folder
-that `nnUNetv2_predict` uses without p2pfed. See docs/training.md.
+that `nnUNetv2_predict` uses without p2pfed. See docs/design.md, section 7.4.
 
 nnunetv2 and torch are imported inside the functions: `TrainSpec.activate()` must
 set nnU-Net's folders before the first nnunetv2 import of the process.

@@ -1,0 +1,189 @@
+"""init -> join -> admit -> status -> verify through the real CLI, on both backends,
+and the tampering a storage operator could try on membership objects."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from p2pfed import federation as fedmod
+from p2pfed import layout, objects
+from p2pfed.crypto import Identity, sign_record
+from p2pfed.errors import IntegrityError
+from p2pfed.node import open_site
+from p2pfed.storage import open_storage
+from p2pfed.verify import verify_storage
+from p2pfed.cli.app import app
+
+runner = CliRunner()
+DATASET = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1},
+           "numTraining": 5, "file_ending": ".nii.gz"}
+
+
+def raw_dataset(root: Path, dataset_id: int, **overrides) -> Path:
+    """A dataset folder with what init/join check cheaply (no images needed here)."""
+    folder = root / f"Dataset{dataset_id:03d}_S{dataset_id}"
+    (folder / "labelsTr").mkdir(parents=True)
+    for i in range(5):
+        (folder / "labelsTr" / f"c{i}.nii.gz").write_bytes(b"")
+    (folder / "dataset.json").write_text(json.dumps({**DATASET, **overrides}))
+    return root
+
+
+def cli(*args, ok=True):
+    result = runner.invoke(app, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def site_args(tmp: Path, site: str, dataset_id: int, **overrides) -> list:
+    raw = raw_dataset(tmp / site / "raw", dataset_id, **overrides)
+    return ["--site", site, "--dataset", dataset_id, "--nnunet-raw", raw, "--nnunet-preprocessed",
+            tmp / site / "pre", "--nnunet-results", tmp / site / "res", "--home", tmp / "home"]
+
+
+def form(tmp: Path, url: str, n: int = 3) -> list[str]:
+    """A federation of n sites, all admitted with checked fingerprints."""
+    sites = [f"site{i}" for i in range(n)]
+    cli("init", url, *site_args(tmp, sites[0], 1), "--sites", n, "--configuration", "2d")
+    for i, s in enumerate(sites[1:], 2):
+        fp = json.loads(cli("join", url, *site_args(tmp, s, i), "--json").stdout)["fingerprint"]
+        cli("admit", s, "--site", sites[0], "--fingerprint", fp, "--home", tmp / "home")
+    return sites
+
+
+def test_every_command_explains_itself():
+    assert "init" in cli("--help").stdout
+    for command in ("init", "join", "admit", "round", "run", "status", "verify", "simulate"):
+        text = cli(command, "--help").stdout
+        assert "Usage" in text and "--" in text, command
+
+
+def test_init_join_admit_status_verify(storage_url, tmp_path):
+    sites = form(tmp_path, storage_url)
+    doc = json.loads(cli("status", "--site", "site1", "--home", tmp_path / "home", "--json").stdout)
+    assert [m["site"] for m in doc["members"]] == sites and doc["pending"] == []
+    assert doc["federation"]["settings"]["configuration"] == "2d"
+    assert doc["federation"]["settings"]["sites"] == 3
+    assert doc["federation"]["versions"]["nnunetv2"] != "absent"
+    assert doc["phase"]["name"] == "joining"
+    public = json.loads(cli("status", "--storage", storage_url, "--json").stdout)
+    assert public["members"] == doc["members"]
+    result = cli("verify", "--site", "site2", "--home", tmp_path / "home")
+    assert "0 bad" in result.stdout
+    assert "Members" in cli("status", "--site", "site0", "--home", tmp_path / "home").stdout
+
+
+def test_pending_join_and_wrong_fingerprint(tmp_path):
+    url = str(tmp_path / "shared")
+    cli("init", url, *site_args(tmp_path, "a", 1))
+    cli("join", url, *site_args(tmp_path, "b", 2))
+    doc = json.loads(cli("status", "--storage", url, "--json").stdout)
+    assert [p["site"] for p in doc["pending"]] == ["b"]
+    bad = cli("admit", "b", "--site", "a", "--fingerprint", "ab" * 32, "--home", tmp_path / "home", ok=False)
+    assert bad.exit_code == 6 and "fingerprint mismatch for 'b'" in bad.output
+    assert not (tmp_path / "shared" / "members" / "b.json").exists()
+
+
+def test_join_with_incompatible_dataset_is_refused_before_sharing(tmp_path):
+    url = str(tmp_path / "shared")
+    cli("init", url, *site_args(tmp_path, "a", 1))
+    result = cli("join", url, *site_args(tmp_path, "b", 2, labels={"background": 0, "tumour": 1}), ok=False)
+    assert result.exit_code == 4 and "site b: dataset.json labels" in result.output
+    assert not (tmp_path / "shared" / "joins").exists()
+
+
+def test_second_init_and_missing_dataset(tmp_path):
+    url = str(tmp_path / "shared")
+    cli("init", url, *site_args(tmp_path, "a", 1))
+    again = cli("init", url, *site_args(tmp_path, "z", 9), ok=False)
+    assert again.exit_code == 3 and "already exists" in again.output
+    missing = cli("join", url, "--site", "b", "--dataset", 7, "--nnunet-raw", tmp_path / "nowhere",
+                  "--nnunet-preprocessed", tmp_path, "--nnunet-results", tmp_path, "--home", tmp_path / "home",
+                  ok=False)
+    assert missing.exit_code == 4 and "dataset 7 not found" in missing.output
+
+
+def test_private_key_with_loose_permissions_is_refused(tmp_path):
+    url = str(tmp_path / "shared")
+    cli("init", url, *site_args(tmp_path, "a", 1))
+    key = tmp_path / "home" / "sites" / "a" / "signing.pem"
+    assert oct(key.stat().st_mode & 0o777) == "0o600"
+    os.chmod(key, 0o644)
+    result = cli("verify", "--site", "a", "--home", tmp_path / "home", ok=False)
+    assert result.exit_code == 3 and "chmod 600" in result.output
+
+
+def _objects(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and "probe" not in p.parts)
+
+
+def test_flipping_any_byte_of_any_object_is_detected_and_named(tmp_path):
+    """The storage operator flips one byte anywhere: verify fails and names the object."""
+    url = str(tmp_path / "shared")
+    form(tmp_path, url, 2)
+    cli("join", url, *site_args(tmp_path, "late", 7))  # a pending join request too
+    home, _, fed = open_site(tmp_path / "home", "site0")
+    me = home.identity()
+    objects.put_envelope(fed, layout.final_metrics("site0"), "final", b'{"dice": 0.9}', me)
+    objects.put_record(fed, layout.plan_hash("site0"), "plan-hash", {"plan_sha256": "0" * 64}, me)
+    files = _objects(tmp_path / "shared")
+    assert len(files) == 7
+    for path in files:
+        key = path.relative_to(tmp_path / "shared").as_posix()
+        original = path.read_bytes()
+        step = max(1, len(original) // 60)  # ~60 positions per object, spread over all of it
+        for i in list(range(0, len(original), step)) + [len(original) - 1]:
+            damaged = bytearray(original)
+            damaged[i] ^= 0x20
+            path.write_bytes(bytes(damaged))
+            try:
+                fresh = fedmod.load(open_storage(url), pinned_genesis=fed.genesis_sha256)
+                bad = [f for f in verify_storage(fresh, me) if not f.ok]
+                assert bad and bad[0].key == key, (key, i)
+            except IntegrityError as exc:
+                assert key in exc.message or key.startswith("federation"), (key, i, exc.message)
+        path.write_bytes(original)
+    assert all(f.ok for f in verify_storage(fedmod.load(open_storage(url)), me))
+
+
+def test_objects_from_another_federation_or_a_non_member_are_refused(tmp_path):
+    url, other = str(tmp_path / "shared"), str(tmp_path / "other")
+    form(tmp_path, url, 2)
+    cli("init", other, *site_args(tmp_path, "x", 5))
+    home, _, fed = open_site(tmp_path / "home", "site0")
+    xhome, _, xfed = open_site(tmp_path / "home", "x")
+    # a well-formed envelope of the other federation, dropped at a valid key of ours
+    key = layout.final_metrics("site0")
+    blob = objects.put_envelope(xfed, key, "final", b"{}", xhome.identity(),
+                                recipients={**xfed.members, "site0": fed.members["site0"]})
+    fed.storage.put_new(key, blob)
+    bad = {f.key: f.detail for f in verify_storage(fed, home.identity()) if not f.ok}
+    assert "not a member" in bad[key]
+    # a member record signed by an outsider
+    outsider = Identity.generate("mallory")
+    body = {"kind": "member", "federation": fed.id, "name": layout.member("mallory"), "site": "mallory",
+            "identity": outsider.public().to_json(), "author": "mallory"}
+    fed.storage.put_new(layout.member("mallory"), sign_record(body, outsider))
+    with pytest.raises(IntegrityError, match="members/mallory.json is not signed by a member"):
+        fedmod.load(fed.storage)
+
+
+def test_rolled_back_or_replaced_membership_is_refused(tmp_path):
+    url = str(tmp_path / "shared")
+    form(tmp_path, url, 2)
+    open_site(tmp_path / "home", "site0")  # pins the member list
+    member = tmp_path / "shared" / "members" / "site1.json"
+    saved = member.read_bytes()
+    member.unlink()
+    with pytest.raises(IntegrityError, match="member 'site1' disappeared"):
+        open_site(tmp_path / "home", "site0")
+    member.write_bytes(saved)
+    genesis = tmp_path / "shared" / "federation.json"
+    genesis.write_bytes(genesis.read_bytes().replace(b'"rounds":1000', b'"rounds":1001'))
+    with pytest.raises(IntegrityError, match="differs from the one this site joined"):
+        open_site(tmp_path / "home", "site0")
