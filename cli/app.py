@@ -16,7 +16,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from p2pfed.errors import P2PFedError
+from p2pfed.errors import P2PFedError, UsageError
 from p2pfed.federation import Settings, parse_duration
 from p2pfed.site import home_root
 
@@ -196,7 +196,7 @@ def _progress_bar():
     return bar, update
 
 
-def _tick(home, site, say):
+def _tick(home, site, say, until=None):
     from p2pfed import node
     from p2pfed.site import SiteHome, TickBusy
     from p2pfed.tick import Report, Tick
@@ -207,9 +207,9 @@ def _tick(home, site, say):
             home_, config, fed = node.open_site(home, site)
             bar, update = _progress_bar()
             if bar is None:
-                return Tick(home_, config, fed, say=say).run()
+                return Tick(home_, config, fed, say=say, until=until).run()
             with bar:
-                return Tick(home_, config, fed, say=say, progress=update).run()
+                return Tick(home_, config, fed, say=say, progress=update, until=until).run()
     except TickBusy:
         return Report(site, phase="busy", message=f"another tick of site {site!r} is running; nothing done")
 
@@ -220,12 +220,15 @@ def round_(
     site: str = SiteOpt, home: Optional[str] = HomeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print what the tick did as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the final line."),
+    until: Optional[str] = typer.Option(None, "--until", help="'plan': stop after fingerprinting and planning (prepare before training)."),
 ):
     """One idempotent tick: do every next step this site can, then exit. Call it from cron.
 
     Exit 0 also when waiting for other sites or when another tick is running."""
     say = (lambda line: None) if (quiet or as_json) else (lambda line: err.print(f"[dim]{site}:[/] {line}"))
-    report = _tick(home, site, say)
+    if until not in (None, "plan"):
+        raise UsageError("--until takes only 'plan'")
+    report = _tick(home, site, say, until)
     if as_json:
         emit_json(report.to_json())
     else:
@@ -323,7 +326,6 @@ def simulate(
     """Run a whole federation of synthetic sites on this machine, each site in its own
     process ticking as cron would; print the per-site results at the end."""
     from p2pfed import simulate as sim
-    from p2pfed.errors import UsageError
 
     if workdir.exists() and any(workdir.iterdir()):
         raise UsageError(f"{workdir} exists and is not empty", "remove it or give another WORKDIR")

@@ -72,6 +72,8 @@ class Settings:
             (self.fold >= 0 or self.fold == -1, "--fold must be >= 0"),
             (self.gpu_memory_target > 0, "--gpu-memory-target must be > 0"),
             (self.max_update_norm is None or self.max_update_norm > 0, "--max-update-norm must be > 0"),
+            # asym sites train from different merged models: no common base to measure against
+            (self.max_update_norm is None or self.mode == "ffe", "--max-update-norm needs --mode ffe"),
         ]
         for ok, message in checks:
             if not ok:
@@ -271,6 +273,18 @@ def _record_body(data: bytes, name: str) -> dict:
         return body if isinstance(body, dict) else {}
     except (ValueError, KeyError, TypeError):
         raise IntegrityError(f"{name}: not a p2pfed signed record") from None
+
+
+def check_versions(fed: Federation) -> None:
+    """The versions federation.json pins: nnunetv2 exactly (it makes the plans and the
+    network), p2pfed the same major.minor (stored bytes and merges change only with a
+    minor release; patch releases may differ between sites)."""
+    for package, digits in (("nnunetv2", None), ("p2pfed", 2)):
+        want, have = fed.versions.get(package), version_of(package)
+        if want and want.split(".")[:digits] != have.split(".")[:digits]:
+            rule = f"{package}=={want}" if digits is None else f"{package} {'.'.join(want.split('.')[:2])}.x"
+            raise SetupError(f"this site runs {package} {have}, the federation pins {want}",
+                             f"install {rule} on this site (every site must run it)")
 
 
 def check_pins(fed: Federation, known: dict[str, str]) -> dict[str, str]:

@@ -47,6 +47,11 @@ def _prepare(opts: LocalOptions) -> tuple[SiteHome, dict, dict]:
     if home.exists:
         raise SetupError(f"site {opts.site!r} already exists in {home.root}",
                          "use another --home, or another --site name")
+    try:  # before anything is written to the shared storage
+        home.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise SetupError(f"cannot write the site home {home.dir}: {exc.strerror}",
+                         "use --home or P2PFED_HOME to pick a writable folder") from None
     folders = {"nnunet_raw": _folder(opts.nnunet_raw, "nnUNet_raw", "--nnunet-raw"),
                "nnunet_preprocessed": _folder(opts.nnunet_preprocessed, "nnUNet_preprocessed",
                                               "--nnunet-preprocessed"),

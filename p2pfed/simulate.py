@@ -48,8 +48,8 @@ class Simulation:
                               f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
         return proc
 
-    def tick(self, site: str) -> dict:
-        proc = self.cli("round", "--site", site, "--json")
+    def tick(self, site: str, *extra: str) -> dict:
+        proc = self.cli("round", "--site", site, "--json", *extra)
         report = json.loads(proc.stdout)
         self.ticks += 1
         self.log.append(report)
@@ -68,7 +68,8 @@ def make_sites(workdir: Path, n_sites: int, *, dim: int = 2, seed: int = 0, n_tr
     for i in range(n_sites):
         site = SimSite(site_name(i), 101 + i, workdir / "sites" / site_name(i))
         # nnU-Net's 5-fold split needs at least 5 training cases per site
-        n = n_train if n_train is not None else max(5, DEFAULT_TRAIN_CASES[i % len(DEFAULT_TRAIN_CASES)])
+        n = n_train[i] if isinstance(n_train, (list, tuple)) else n_train if n_train is not None \
+            else max(5, DEFAULT_TRAIN_CASES[i % len(DEFAULT_TRAIN_CASES)])
         make_site(site.folders["raw"], site.dataset_id, i, n_train=n, n_test=n_test, dim=dim, size=size,
                   seed=seed, channels=channels)
         sites.append(site)

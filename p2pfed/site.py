@@ -52,12 +52,17 @@ class SiteConfig:
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
     """Write-then-rename so a crash leaves the old file or the new one, never half of one."""
     tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:  # disk full, read-only or removed folder: the old file is intact
+        raise SetupError(f"cannot write {path}: {exc.strerror or exc}",
+                         "free disk space or fix the permissions of the site home; "
+                         "the previous version of the file is intact") from None
 
 
 class SiteHome:

@@ -53,6 +53,8 @@ def build(fed: Federation, reader: Identity | None, local: dict | None = None) -
         doc["participants"] = read_record(fed, layout.FINGERPRINT_SEAL, "fingerprint-seal")["participants"]
     doc["plans"] = {k.split("/")[1][:-5]: read_record(fed, k, "plan-hash")["plan_sha256"]
                     for k in keys if k.startswith("plans/") and k.endswith(".json")}
+    doc["plan_details"] = {s: _plan_details(_decrypt(fed, layout.plan(s), "plan", s, reader), fed.settings.configuration)
+                           for s in doc["plans"] if reader is not None and layout.plan(s) in keys}
     doc["rounds"] = _rounds(fed, keys, reader, doc["participants"])
     for key in keys:
         if key.startswith("final/"):
@@ -71,6 +73,18 @@ def _decrypt(fed, key, kind, site, reader, **binding):
         return json.loads(read_envelope(fed, key, kind, reader, author=site, **binding)[1])
     except P2PFedError as exc:
         return {"error": exc.message}
+
+
+def _plan_details(plan: dict | None, configuration: str) -> dict | None:
+    """What differs between sites' networks (asym): the federation's configuration only."""
+    conf = (plan or {}).get("configurations", {}).get(configuration)
+    if not conf:
+        return None
+    arch = conf.get("architecture", {}).get("arch_kwargs", {})
+    return {"spacing": conf.get("spacing"), "patch_size": conf.get("patch_size"),
+            "batch_size": conf.get("batch_size"), "n_stages": arch.get("n_stages"),
+            "features_per_stage": arch.get("features_per_stage"),
+            "network": conf.get("architecture", {}).get("network_class_name", "").rsplit(".", 1)[-1]}
 
 
 def _rounds(fed: Federation, keys: list[str], reader, participants: list[str]) -> list[dict]:
@@ -103,6 +117,7 @@ def _rounds(fed: Federation, keys: list[str], reader, participants: list[str]) -
             }
         results = {m["result"] for m in merged.values()}
         entry["merge_agreed"] = None if not results else len(results) == 1
+        entry["excluded"] = {s: why for m in merged.values() for s, why in m.get("excluded", {}).items()}
         rounds.append(entry)
     return rounds
 
@@ -159,6 +174,15 @@ def render(doc: dict, console) -> None:
     for p in doc["pending"]:
         members.add_row(p["site"], p["fingerprint"][:16] + "…", "[yellow]pending[/]", "-")
     console.print(members)
+    if doc.get("plan_details"):
+        plans = Table(title=f"Plans ({st['configuration']})")
+        for col in ("site", "network", "stages", "patch size", "spacing", "batch"):
+            plans.add_column(col)
+        for site, d in sorted(doc["plan_details"].items()):
+            if d:
+                plans.add_row(site, d["network"], _fmt(d["n_stages"]), "x".join(map(str, d["patch_size"] or [])),
+                              "x".join(f"{v:.3g}" for v in d["spacing"] or []), _fmt(d["batch_size"]))
+        console.print(plans)
     if doc["rounds"]:
         sites = doc["participants"] or [m["site"] for m in doc["members"]]
         table = Table(title="Rounds (train loss / val loss / pseudo-Dice)")
@@ -170,7 +194,9 @@ def render(doc: dict, console) -> None:
             cells = []
             for s in sites:
                 c = e["sites"].get(s, {})
-                if c.get("missed"):
+                if e["round"] == 0:
+                    cells.append("initial model" if c.get("counted") else "")
+                elif c.get("missed"):
                     cells.append("[red]missed[/]")
                 elif not c.get("committed"):
                     cells.append("…")
@@ -180,6 +206,8 @@ def render(doc: dict, console) -> None:
                 else:
                     cells.append("committed")
             agreed = {None: "-", True: "agreed", False: "[red]MISMATCH[/]"}[e["merge_agreed"]]
+            if e.get("excluded"):
+                agreed += f"; [red]excluded {', '.join(sorted(e['excluded']))}[/]"
             table.add_row(str(e["round"]) + ("" if e["sealed"] else " (open)"), *cells, agreed)
         console.print(table)
     if doc["final"]:

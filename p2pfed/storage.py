@@ -19,6 +19,7 @@ from .errors import StorageError
 T = TypeVar("T")
 RETRIES = int(os.environ.get("P2PFED_STORAGE_RETRIES", "6"))
 BACKOFF_S = float(os.environ.get("P2PFED_STORAGE_BACKOFF", "0.5"))
+TIMEOUT_S = float(os.environ.get("P2PFED_STORAGE_TIMEOUT", "120"))  # per S3 request; a hung one is retried
 _TRANSIENT_CODES = {"500", "502", "503", "504", "SlowDown", "Throttling", "ThrottlingException",
                     "RequestTimeout", "RequestTimeTooSkewed", "InternalError", "ServiceUnavailable",
                     "OperationAborted", "ConditionalRequestConflict", "409"}
@@ -181,7 +182,8 @@ class FsspecStorage(Storage):
             options.update(use_listings_cache=False,
                            # our own retry loop (with read-back) is the one that counts
                            config_kwargs={"retries": {"max_attempts": 2, "mode": "standard"},
-                                          "connect_timeout": 10, "read_timeout": 120})
+                                          "connect_timeout": min(10.0, TIMEOUT_S),
+                                          "read_timeout": TIMEOUT_S})
             if endpoint:
                 options["endpoint_url"] = endpoint
             self.atomic_create = True

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -21,7 +22,7 @@ from . import crypto, ffe, layout
 from .dataset import check_trainable
 from .faults import crash_point
 from .errors import ContributionRejected, FederationHalted, IntegrityError, SetupError
-from .federation import Federation
+from .federation import Federation, check_versions
 from .objects import put_envelope, put_record, read_envelope, read_record
 from .site import SiteConfig, SiteHome, atomic_write
 
@@ -78,7 +79,7 @@ def model_hash(shard_hashes: list[str]) -> str:
 
 class Tick:
     def __init__(self, home: SiteHome, config: SiteConfig, fed: Federation,
-                 say: Callable[[str], None] = lambda s: None, progress=None):
+                 say: Callable[[str], None] = lambda s: None, progress=None, until: str | None = None):
         self.home, self.config, self.fed, self.st = home, config, fed, fed.storage
         self.site, self.s = config.site, fed.settings
         self.me = home.identity()
@@ -86,6 +87,7 @@ class Tick:
         self.state = home.state()
         self.report = Report(config.site)
         self._nnunet_ready = False
+        self.until = until  # "plan": stop once planned and agreed (prepare before training)
 
     # ------------------------------------------------------------------- driver
     def run(self) -> Report:
@@ -96,9 +98,12 @@ class Tick:
             return self.report
         if self.state.get("finished"):
             return self._finished()
+        check_versions(self.fed)  # before this site shares or merges anything
         try:
             self.participants = self.fingerprint_phase()
             self.plan_phase()
+            if self.until == "plan":
+                raise Wait("plan", "planned and preprocessed; stopping before training as asked (--until plan)")
             self.rounds_phase()
             self.final_phase()
             return self._finished()
@@ -138,10 +143,12 @@ class Tick:
         return {s: self.fed.members[s] for s in parts} if parts else self.fed.members
 
     def _record_once(self, key: str, kind: str, body: dict) -> dict:
-        try:
-            put_record(self.fed, key, kind, body, self.me)
-        except FileExistsError:
-            pass
+        """Write a record unless an earlier (killed) tick did; then read what is stored."""
+        if not self.st.exists(key):
+            try:
+                put_record(self.fed, key, kind, body, self.me)
+            except FileExistsError:
+                pass
         return read_record(self.fed, key, kind, self.site)
 
     def _open_json(self, key: str, kind: str, author: str, **binding) -> dict:
@@ -350,13 +357,16 @@ class Tick:
             return
         if self.site != init_site:
             raise Wait("round", f"waiting for the initial model from {init_site}", [init_site], rnd=0)
-        from .nnunet.train import initial_weights
-
         self.say("building the initial model")
-        self._upload(0, initial_weights(self._spec()), {"cases": 1, "metrics": {}}, base=None)
+        self._upload(0, self._initial_weights(), {"cases": 1, "metrics": {}}, base=None)
         body = {"round": 0, "contributions": {self.site: crypto.sha256_hex(self.st.get(layout.commit(0, self.site)))},
                 "reason": "initial", "opened_at": int(time.time()), "sealed_at": int(time.time())}
         self._try_create(layout.seal(0), "seal", body)
+
+    def _initial_weights(self):
+        from .nnunet.train import initial_weights
+
+        return initial_weights(self._spec())
 
     def _contribute(self, r: int) -> None:
         base_weights, base = self.base_model(r)
@@ -378,6 +388,7 @@ class Tick:
         from .nnunet.train import train_round
         from .shards import to_shards
 
+        self._check_checkpoint()
         spec = self._spec()
         start = (r - 1) * self.s.epochs_per_round
         self.say(f"round {r}/{self.s.rounds}: training {self.s.epochs_per_round} epoch(s) from epoch {start}")
@@ -395,6 +406,26 @@ class Tick:
         atomic_write(cached / "meta.json", json.dumps(meta).encode())  # last: marks the cache complete
         self._did(f"trained round {r}")
         return result.weights, meta
+
+    def _check_checkpoint(self) -> None:
+        """nnU-Net resumes from checkpoint_latest.pth (a torch zip); a truncated one (disk
+        full, a copy cut short) would end in a traceback deep inside torch.load."""
+        from .dataset import dataset_name
+
+        path = (Path(self.config.nnunet_results) / dataset_name(self.config.nnunet_raw, self.config.dataset)
+                / f"{self.s.trainer}__{self.s.plans_identifier}__{self.s.configuration}"
+                / f"fold_{self.s.fold}" / "checkpoint_latest.pth")
+        if not path.exists():
+            return
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+        except (zipfile.BadZipFile, OSError, EOFError):
+            damaged = path.name
+        if damaged is not None:
+            raise SetupError(f"the local nnU-Net checkpoint {path} is corrupt (truncated or damaged)",
+                             "restore it from a backup, or delete it: training then resumes from the "
+                             "federation's last merge with a fresh optimizer state")
 
     def _train_progress(self, epoch: int, iteration: int, total: int) -> None:
         crash_point("train")
@@ -498,31 +529,46 @@ class Tick:
         seal = self.sealed(r)
         if seal is None:
             raise SetupError(f"round {r} is not sealed yet")
+        # FFE: every contribution was trained from the merge of round r-1; check against it
+        check = InputCheck(self.merged(r - 1)[0] if r > 0 and self.s.mode == "ffe" else None,
+                           self.s.max_update_norm)
         contributions, excluded = {}, {}
         for s in sorted(seal["contributions"]):
             try:
                 contributions[s] = self._contribution(r, s, seal["contributions"][s])
             except ContributionRejected as exc:
                 excluded[s] = exc.message
-        if not contributions:
-            raise FederationHalted(f"round {r}: every contribution was rejected ({excluded})")
-        weights = {s: c["cases"] for s, c in contributions.items()} if self.s.weighting == "cases" else None
-        counts = {s: len(c["shards"]) for s, c in contributions.items()}
-        target = self.site if self.site in contributions else (min(contributions) if self.s.mode == "ffe" else None)
-        for old in folder.glob("*"):
-            old.unlink()
 
         def load(site: str, i: int) -> bytes:
-            ref = contributions[site]["shards"][i]
-            return self._shard(ref, site, r)
+            blob = self._shard(contributions[site]["shards"][i], site, r)
+            check.add(site, i, blob)
+            return blob
 
         def sink(site: str, i: int, blob: bytes) -> None:
             if site == target:
                 atomic_write(folder / f"{i:05d}.safetensors", blob)
                 crash_point("merge")
 
-        self.say(f"merging round {r} ({', '.join(sorted(contributions))})")
-        hashes = stream_merge(load, counts, weights=weights, layers=self.s.layers, sink=sink)
+        while True:  # a contribution found unusable while streaming is excluded, and the merge rerun
+            if not contributions:
+                raise FederationHalted(f"round {r}: every contribution was rejected ({excluded})")
+            weights = {s: c["cases"] for s, c in contributions.items()} if self.s.weighting == "cases" else None
+            counts = {s: len(c["shards"]) for s, c in contributions.items()}
+            target = self.site if self.site in contributions else (min(contributions) if self.s.mode == "ffe" else None)
+            for old in folder.glob("*"):
+                old.unlink()
+            check.start()
+            self.say(f"merging round {r} ({', '.join(sorted(contributions))})")
+            try:
+                hashes = stream_merge(load, counts, weights=weights, layers=self.s.layers, sink=sink)
+                check.finish(contributions)
+                break
+            except ContributionRejected as exc:  # every merge error names the site first
+                site = next((s for s in contributions if exc.message.startswith(f"site {s!r}")), None)
+                if site is None:
+                    raise
+                excluded[site] = exc.message
+                del contributions[site]
         per_site = {s: model_hash(h) for s, h in sorted(hashes.items())}
         if target is None:  # asym, missed round: adopt the shared layers into our own last model
             self._adopt(r, folder, contributions, load)
@@ -537,17 +583,19 @@ class Tick:
 
     def _contribution(self, r: int, site: str, commit_sha: str) -> dict:
         key = layout.commit(r, site)
-        data = self.st.get(key)
+        data = self._listed(key, f"round {r}'s seal")
         if crypto.sha256_hex(data) != commit_sha:
             raise IntegrityError(f"{key}: not the commit the seal lists")
         commit = read_record(self.fed, key, "commit", site, data=data)
-        meta_blob = self.st.get(commit["meta"]["key"])
-        if crypto.sha256_hex(meta_blob) != commit["meta"]["sha256"] or commit["meta"]["key"] != layout.meta(r, site):
+        if commit["meta"]["key"] != layout.meta(r, site):
+            raise IntegrityError(f"{key}: lists metadata at {commit['meta']['key']}")
+        meta_blob = self._listed(layout.meta(r, site), key)
+        if crypto.sha256_hex(meta_blob) != commit["meta"]["sha256"]:
             raise IntegrityError(f"{layout.meta(r, site)}: not the metadata the commit lists")
         meta = json.loads(read_envelope(self.fed, layout.meta(r, site), "meta", self.me, author=site,
                                         blob=meta_blob, round=r)[1])
         cases = meta.get("cases")
-        if not isinstance(cases, int) or not 1 <= cases <= MAX_CASES:
+        if type(cases) is not int or not 1 <= cases <= MAX_CASES:
             raise ContributionRejected(f"site {site!r}: absurd case count {cases!r} in round {r}")
         if meta.get("base") != commit.get("base") or meta.get("round") != r:
             raise ContributionRejected(f"site {site!r}: round {r} metadata disagrees with its commit")
@@ -557,12 +605,12 @@ class Tick:
         return {"cases": cases, "shards": commit["shards"], "metrics": meta.get("metrics", {})}
 
     def _expected_base(self, r: int, site: str) -> str | None:
-        """The base a contribution to round r must name (None: not checkable here)."""
+        """The base a contribution to round r must name (None: round 0 and asym round 1)."""
         if r == 0 or (r == 1 and self.s.mode == "asym"):
             return None
         prev = self.home.work("merged", f"{r - 1:05d}") / "merged.json"
-        if not prev.exists():
-            return None
+        if not prev.exists():  # a site that skipped rounds: every site must check the same bases
+            self.merged(r - 1)
         per_site = json.loads(prev.read_text())["per_site"]
         if self.s.mode == "ffe":
             return next(iter(per_site.values()))
@@ -572,13 +620,22 @@ class Tick:
         key = ref["key"]
         if layout.round_of(key) != r or not key.startswith(f"{layout.round_dir(r)}/{site}/"):
             raise IntegrityError(f"{key}: shard listed by {site}'s round {r} commit lives elsewhere")
-        blob = self.st.get(key)
+        blob = self._listed(key, layout.commit(r, site))
         if crypto.sha256_hex(blob) != ref["sha256"]:
             raise IntegrityError(f"{key}: not the shard the commit lists")
         plain = read_envelope(self.fed, key, "shard", self.me, author=site, blob=blob, round=r)[1]
-        if key.rsplit("/", 1)[1] != crypto.sha256_hex(plain) + ".shard":
-            raise IntegrityError(f"{key}: content does not match its name")
+        if key.rsplit("/", 1)[1] != crypto.sha256_hex(plain) + ".shard":  # signed so by its author
+            raise ContributionRejected(f"site {site!r}: {key} holds content that does not match its name")
         return plain
+
+    def _listed(self, key: str, by: str) -> bytes:
+        """An object that a seal or commit vouches for: if it is gone, someone deleted it."""
+        try:
+            return self.st.get(key)
+        except FileNotFoundError:
+            raise IntegrityError(f"{key}: listed by {by} but missing from the storage",
+                                 "someone deleted it; restore it from a backup of the storage and "
+                                 "alert the members") from None
 
     def _adopt(self, r: int, folder: Path, contributions: dict, load) -> None:
         """Asym catch-up: our last local model, with every layer that a contributor shares
@@ -631,12 +688,7 @@ class Tick:
         r = self.s.rounds
         if self.state.get("results_folder") is None:
             weights, model = self.merged(r)
-            from .nnunet.train import export_final, validation_dice
-
-            spec = self._spec()
-            self.say("writing the final nnU-Net results folder")
-            folder = export_final(spec, weights, run_validation=self.s.final_validation)
-            dice = validation_dice(folder, self.s.fold) if self.s.final_validation else None
+            folder, dice = self._export_final(weights)
             crash_point("final")
             self._save(results_folder=str(folder), final_model=model, final_dice=dice)
             self._did("applied the final merge")
@@ -645,3 +697,72 @@ class Tick:
             self._put_once(layout.final_metrics(self.site), "final", crypto.canonical_json(payload))
             self._did("published final metrics")
         self._save(finished=True)
+
+    def _export_final(self, weights) -> tuple[Path, dict | None]:
+        """nnU-Net's standard results folder with the final merge, and its validation Dice."""
+        from .nnunet.train import export_final, validation_dice
+
+        spec = self._spec()
+        self.say("writing the final nnU-Net results folder")
+        folder = export_final(spec, weights, run_validation=self.s.final_validation)
+        return folder, (validation_dice(folder, self.s.fold) if self.s.final_validation else None)
+
+
+class InputCheck:
+    """Merge input checks against the base model (FFE: the merge of the previous round,
+    which every contribution was trained from): the same tensors with the same shapes,
+    and, with `max_update_norm`, an L2 distance to the base of at most that many times
+    the base's norm. Fed each shard as the merge reads it. Each tensor's sum of squares
+    is a float64 numpy sum, the total an exact math.fsum: every site reaches the same
+    verdict, hence excludes the same contributions."""
+
+    def __init__(self, base, bound: float | None):
+        from .merge import canonical_layers
+
+        self.base = canonical_layers(base, "the base model") if base is not None else None
+        self.bound = bound
+        if self.base is not None:
+            self.base_norm = math.sqrt(math.fsum(_sum_sq(layer.array) for layer in self.base.values()))
+        self.start()
+
+    def start(self) -> None:
+        self.keys: dict[str, set] = {}
+        self.dist: dict[str, list[float]] = {}
+
+    def add(self, site: str, index: int, blob: bytes) -> None:
+        if self.base is None:
+            return
+        from .shards import read_shard
+
+        for skey, layer in read_shard(blob, f"site {site!r} shard {index}"):
+            want = self.base.get(skey)
+            if want is None or want.array.shape != layer.array.shape:
+                raise ContributionRejected(
+                    f"site {site!r}: tensor {layer.names[0]!r} has shape {list(layer.array.shape)}, the agreed "
+                    f"model {'has no such tensor' if want is None else list(want.array.shape)}")
+            self.keys.setdefault(site, set()).add(skey)
+            if self.bound is not None:
+                self.dist.setdefault(site, []).append(_sum_sq(layer.array, want.array))
+
+    def finish(self, sites) -> None:
+        if self.base is None:
+            return
+        for site in sorted(sites):
+            missing = sorted(set(self.base) - self.keys.get(site, set()))
+            if missing:
+                raise ContributionRejected(f"site {site!r}: lacks {len(missing)} tensor(s) of the agreed model, "
+                                           f"e.g. {missing[0]!r}")
+            if self.bound is not None:
+                norm = math.sqrt(math.fsum(self.dist[site]))
+                if not norm <= self.bound * self.base_norm:  # NaN fails too
+                    raise ContributionRejected(
+                        f"site {site!r}: update norm {norm:.6g} exceeds max_update_norm {self.bound:g} "
+                        f"x the merged model's norm {self.base_norm:.6g}")
+
+
+def _sum_sq(a, b=None) -> float:
+    import numpy as np
+
+    d = a.astype(np.float64) if b is None else a.astype(np.float64) - b
+    with np.errstate(invalid="ignore", over="ignore"):
+        return float(np.square(d).sum())

@@ -1,11 +1,10 @@
 """FFE against nnU-Net itself: three deliberately different sites, their pooled union.
 
-nnU-Net extracts the fingerprint and plans on the pooled dataset; every site runs our
-summary -> global ranges -> histograms -> merge -> write -> nnU-Net planner on its own
-dataset. The fingerprints must agree (intensities within sampling/bin tolerance) and the
-plans must be equal in every data-dependent field. nnU-Net fixes its folders at import, so
-all nnU-Net work runs in fresh processes (`run_calls`); the sites share one nnUNet_raw under
-different dataset ids and exchange payloads only through this test.
+nnU-Net extracts the fingerprint and plans on the pooled dataset. The three sites form a
+real federation on the S3-protocol server and run FFE through `p2pfed round --until plan`
+ticks, each site in its own process with its own nnU-Net folders. The fingerprint every
+site wrote must agree with the pooled one (intensities within sampling/bin tolerance)
+and every site's plans must equal the pooled plans in every data-dependent field.
 """
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -14,10 +13,14 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from p2pfed import ffe
+from p2pfed import ffe, layout, simulate
 from p2pfed.errors import DatasetError
+from p2pfed.node import open_site
+from p2pfed.objects import read_envelope
 from p2pfed.nnunet.fingerprint import run_calls
-from p2pfed.synthetic import make_federation, make_pooled, make_site
+from p2pfed.synthetic import make_pooled, make_site
+
+from conftest import new_bucket
 
 SITES = {"SiteA": 101, "SiteB": 102, "SiteC": 103}
 POOLED = 199
@@ -33,31 +36,44 @@ def _folders(root):
     return [root / d for d in ("raw", "preprocessed", "results")]
 
 
-def _calls(fn, **kwargs):
-    return [{"fn": fn, "kwargs": {"dataset": d, **kwargs}} for d in SITES.values()]
+def _payloads(sim, kind_key):
+    """Decrypt every site's FFE payload of one kind from the shared storage, as SiteA."""
+    home, _, fed = open_site(sim.home, "SiteA")
+    kind, key = kind_key
+    return {s: json.loads(read_envelope(fed, key(s), kind, home.identity(), author=s)[1]) for s in SITES}
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory):
+def federation(tmp_path_factory, s3_endpoint):
     root = tmp_path_factory.mktemp("ffe")
-    folders = make_federation(root / "raw", 3, first_id=101, n_train=CASES, n_test=0, channels=CHANNELS)
-    make_pooled(folders, root / "raw", POOLED)
+    sim = simulate.setup(root, 3, storage=new_bucket(s3_endpoint), n_train=CASES, channels=CHANNELS,
+                         init_args=["--configuration", "2d"])
+    make_pooled([next(s.folders["raw"].glob("Dataset*")) for s in sim.sites], root / "raw", POOLED)
     with ThreadPoolExecutor(1) as background:  # nnU-Net on the union, meanwhile the sites
         pooled = background.submit(run_calls, _folders(root), [
             {"fn": "local_fingerprint", "kwargs": {"dataset": POOLED}},
             {"fn": "plan_and_preprocess", "kwargs": {"dataset": POOLED, "configuration": None}}])
-        summaries = dict(zip(SITES, run_calls(_folders(root), _calls("local_summary"))))
-        ranges = ffe.global_ranges(summaries)
-        histograms = dict(zip(SITES, run_calls(_folders(root), _calls("local_histograms", ranges=ranges))))
-        fingerprint = ffe.merge_fingerprint(summaries, histograms)
-        plan_calls = [  # preprocessing is slow-ish: one site shows it
-            {"fn": "plan_and_preprocess", "kwargs": {"dataset": d, "configuration": "2d" if d == 101 else None}}
-            for d in SITES.values()]
-        planned = run_calls(_folders(root), _calls("write_fingerprint", fingerprint=fingerprint) + plan_calls)
+        planned = set()
+        for _ in range(4):  # ticks, round-robin, until every site has planned and agreed
+            for site in SITES:
+                if sim.tick(site, "--until", "plan")["message"].startswith("planned"):
+                    planned.add(site)
+            if planned == set(SITES):
+                break
         pooled_fingerprint, pooled_plans = pooled.result()
-    return {"root": root, "summaries": summaries, "histograms": histograms, "fingerprint": fingerprint,
-            "plans": dict(zip(SITES, planned[len(SITES):])),
+    assert planned == set(SITES)
+    pre = {s.name: next(s.folders["preprocessed"].glob("Dataset*")) for s in sim.sites}
+    return {"root": root, "sim": sim, "pre": pre,
+            "summaries": _payloads(sim, ("summary", layout.summary)),
+            "histograms": _payloads(sim, ("histogram", layout.histogram)),
+            "fingerprint": json.loads((pre["SiteA"] / "dataset_fingerprint.json").read_text()),
+            "fingerprints": {s: json.loads((p / "dataset_fingerprint.json").read_text()) for s, p in pre.items()},
+            "plans": {s: json.loads((p / "nnUNetPlans.json").read_text()) for s, p in pre.items()},
             "pooled_fingerprint": pooled_fingerprint, "pooled_plans": pooled_plans}
+
+
+def test_every_site_wrote_the_same_fingerprint(federation):
+    assert all(f == federation["fingerprint"] for f in federation["fingerprints"].values())
 
 
 def _intensity_errors(ours, pooled):
@@ -112,10 +128,10 @@ def test_every_site_plans_exactly_like_the_pooled_dataset(federation):
 
 
 def test_preprocessing_ran_for_the_requested_configuration_only(federation):
-    out = federation["root"] / "preprocessed" / "Dataset101_SiteA"
-    assert len(list((out / "nnUNetPlans_2d").glob("*.pkl"))) == CASES[0]
-    assert not (out / "nnUNetPlans_3d_fullres").exists()
-    assert (out / "dataset.json").is_file() and len(list((out / "gt_segmentations").iterdir())) == CASES[0]
+    for (site, out), n in zip(federation["pre"].items(), CASES):
+        assert len(list((out / "nnUNetPlans_2d").glob("*.pkl"))) == n, site
+        assert not (out / "nnUNetPlans_3d_fullres").exists()
+        assert (out / "dataset.json").is_file() and len(list((out / "gt_segmentations").iterdir())) == n
 
 
 def _missing_label(folder):

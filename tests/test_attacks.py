@@ -1,0 +1,338 @@
+"""What an untrusted storage operator and a malicious or broken member can try, and
+what p2pfed does about it (docs/design.md, section 8). Federations come from tests/factory.py:
+real protocol, numpy models instead of nnU-Net, milliseconds per tick.
+
+Storage attacks are made on a finished federation (3 sites, 2 FFE rounds); a site then
+merges the attacked round again from the shared storage: it must refuse, naming the
+object, and merge nothing. Member misbehaviour happens in round 1 of a fresh federation:
+every site must exclude the same contribution, naming the site, and merge the others."""
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import factory
+from factory import NumpyTick
+from p2pfed import crypto, layout, node, shards
+from p2pfed.crypto import Identity, sign_record
+from p2pfed.errors import FederationHalted, IntegrityError
+from p2pfed.merge import Layer, asym_fedavg
+from p2pfed.tick import CLOCK_SKEW_S, Wait, model_hash
+from p2pfed.verify import verify_storage
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("finished")
+    fed = factory.make(root)
+    fed.run_all()
+    return fed
+
+
+@pytest.fixture
+def fed(finished, tmp_path):
+    """A private copy of the finished federation (site homes repointed at the copy)."""
+    shutil.copytree(finished.root, tmp_path, dirs_exist_ok=True)
+    for config in (tmp_path / "home" / "sites").glob("*/site.json"):
+        config.write_text(config.read_text().replace(str(finished.root), str(tmp_path)))
+    return factory.Fed(tmp_path, finished.url.replace(str(finished.root), str(tmp_path)), finished.sites)
+
+
+def refused(fed, r: int, match: str | None, site: str = "site0", merged: bool = False):
+    """`site` re-merges round r: refused with `match`. Unless the attack is on another
+    site's merge record (checked after merging), no merge of the round is left behind."""
+    with pytest.raises(IntegrityError, match=match) as exc:
+        fed.remerge(site, r)
+    assert merged or not (fed.home / "sites" / site / "work" / "merged" / f"{r:05d}" / "merged.json").exists()
+    return exc.value
+
+
+def bad_keys(fed, site: str = "site0") -> dict[str, str]:
+    home, _, view = node.open_site(fed.home, site)
+    return {f.key: f.detail for f in verify_storage(view, home.identity()) if not f.ok}
+
+
+# --------------------------------------------------------------------------- storage operator
+def test_a_flipped_byte_in_any_round_object_is_refused_and_named(fed):
+    """Shards, metadata, commits, the seal and every site's merge record of round 2."""
+    round_keys = [k for k in factory.keys(fed) if k.startswith("rounds/00002/")]
+    assert len(round_keys) == 3 * 3 + 1 + 3
+    for key in round_keys:
+        path = fed.path(key)
+        original = path.read_bytes()
+        damaged = bytearray(original)
+        damaged[len(damaged) // 2] ^= 0x20
+        path.write_bytes(bytes(damaged))
+        culprit = refused(fed, 2, None, merged="/merged/" in key)
+        assert key in culprit.message, (key, culprit.message)
+        assert key in bad_keys(fed), key
+        path.write_bytes(original)
+    fed.remerge("site0", 2)  # restored: merges again
+    assert bad_keys(fed) == {}
+
+
+def test_an_object_moved_to_another_round_is_refused(fed):
+    meta, commit = layout.meta(2, "site1"), layout.commit(2, "site1")
+    fed.path(meta).write_bytes(fed.path(layout.meta(1, "site1")).read_bytes())
+    refused(fed, 2, f"{meta}: not the metadata the commit lists")
+    assert "field 'name' is 'rounds/00001/site1/meta.p2pf'" in bad_keys(fed)[meta]
+    fed.path(commit).write_bytes(fed.path(layout.commit(1, "site1")).read_bytes())
+    refused(fed, 2, f"{commit}: missing or not the commit the seal lists")
+
+
+def test_an_older_seal_replayed_is_refused(fed):
+    fed.path(layout.seal(2)).write_bytes(fed.path(layout.seal(1)).read_bytes())
+    refused(fed, 2, "field 'name' is 'rounds/00001/SEAL.json', expected 'rounds/00002/SEAL.json'")
+
+
+def test_an_object_from_another_federation_is_refused(fed, tmp_path_factory):
+    """Same site names, same keys paths, another federation: its signatures do not verify."""
+    other = factory.make(tmp_path_factory.mktemp("other"))
+    other.run_all()
+    key = layout.commit(2, "site1")
+    fed.path(key).write_bytes(other.path(key).read_bytes())
+    refused(fed, 2, "not the commit the seal lists")
+    assert "bad signature (claims to be from site1)" in bad_keys(fed)[key]
+
+
+@pytest.mark.parametrize("victim", ["shard", "commit"])
+def test_a_deleted_shard_or_commit_is_refused(fed, victim):
+    commit = json.loads(fed.path(layout.commit(2, "site2")).read_text())["body"]
+    key = commit["shards"][0]["key"] if victim == "shard" else layout.commit(2, "site2")
+    fed.path(key).unlink()
+    expect = f"{key}: listed by rounds/00002/site2/COMMIT.json but missing" if victim == "shard" \
+        else f"{key}: missing or not the commit the seal lists"
+    refused(fed, 2, expect)
+    lister = layout.commit(2, "site2") if victim == "shard" else layout.seal(2)
+    assert bad_keys(fed)[lister] == f"{lister}: lists {key}, which is missing or differs"
+
+
+def test_a_forged_signature_is_refused(fed):
+    """A merge record 'from site1' signed with a key that is not site1's."""
+    key = layout.merged(2, "site1")
+    body = json.loads(fed.path(key).read_text())["body"]
+    fed.path(key).write_bytes(sign_record({**body, "result": "0" * 64}, Identity.generate("site1")))
+    refused(fed, 2, "rounds/00002/merged/site1.json: bad signature", site="site2", merged=True)
+
+
+def test_a_member_signing_for_another_site_is_refused(fed):
+    """site1 writes site2's commit: as itself, or claiming to be site2 in the body."""
+    key = layout.commit(2, "site2")
+    body = json.loads(fed.path(key).read_text())["body"]
+    me = node.open_site(fed.home, "site1")[0].identity()
+    tick = fed.tick("site0")
+    for forged, why in ((body | {"author": "site1"}, "field 'author' is 'site1', expected 'site2'"),
+                        (body, "signed by 'site1' on behalf of 'site2'")):
+        fed.path(key).write_bytes(sign_record(forged, me))
+        with pytest.raises(IntegrityError, match=why):
+            tick._valid_commits(2)
+
+
+def test_an_equivocating_seal_is_caught_by_the_merge_comparison(tmp_path):
+    """Quorum 2 of 3: a seal of any two commits is valid. The operator keeps such a seal
+    that lost the race (it saw the bytes) and shows it to site2 only: site2's merge
+    differs from what the others published, and the federation halts."""
+    fed = factory.make(tmp_path, rounds=1, quorum=2, deadline_s=0)
+    for s in fed.sites * 2:
+        fed.run(s, NoSeal)  # plans agreed, round 0 sealed, all three committed round 1
+    fed.run("site0")  # seals all three
+    fed.run("site1")
+    seal = json.loads(fed.path(layout.seal(1)).read_text())["body"]
+    assert sorted(seal["contributions"]) == fed.sites
+    lost = seal | {"author": "site1", "reason": "deadline",
+                   "contributions": {k: v for k, v in seal["contributions"].items() if k != "site0"}}
+    fed.path(layout.seal(1)).write_bytes(sign_record(lost, node.open_site(fed.home, "site1")[0].identity()))
+    with pytest.raises(FederationHalted, match="round 1: the merge computed by site0 differs from site2's"):
+        fed.run("site2")
+
+
+# --------------------------------------------------------------------------- members
+class Unchecked(NumpyTick):
+    """A member whose node skips its own checks on upload (a patched or malicious p2pfed)."""
+
+    dtype = np.float32
+
+    def _upload(self, r, weights, meta, base):
+        checked, shards.to_shards = shards.to_shards, lambda w, site: [shards._serialize(
+            [(k, Layer((k,), np.asarray(v, self.dtype))) for k, v in sorted(w.items())])]
+        try:
+            super()._upload(r, weights, meta, base)
+        finally:
+            shards.to_shards = checked
+
+
+class Float16(Unchecked):
+    dtype = np.float16
+
+
+class NaNWeights(Unchecked):
+    def _train(self, r, base_weights, base):
+        weights, meta = super()._train(r, base_weights, base)
+        return {**weights, "head.weight": np.full((2, 4), np.nan, np.float32)}, meta
+
+
+class WrongShape(NumpyTick):
+    def _train(self, r, base_weights, base):
+        weights, meta = super()._train(r, base_weights, base)
+        return {**weights, "head.weight": np.zeros((3, 4), np.float32)}, meta
+
+
+class MissingTensor(NumpyTick):
+    def _train(self, r, base_weights, base):
+        weights, meta = super()._train(r, base_weights, base)
+        return {k: v for k, v in weights.items() if k != "encoder.bias"}, meta
+
+
+class OtherBase(NumpyTick):
+    def _upload(self, r, weights, meta, base):
+        super()._upload(r, weights, meta, "f" * 64 if r else base)
+
+
+class MetaOfAnotherRound(NumpyTick):
+    def _put_once(self, key, kind, payload, **binding):
+        if kind == "meta" and binding.get("round"):
+            payload = crypto.canonical_json({**json.loads(payload), "round": 7})
+        super()._put_once(key, kind, payload, **binding)
+
+
+def absurd_cases(value):
+    class AbsurdCases(NumpyTick):
+        def _train(self, r, base_weights, base):
+            weights, meta = super()._train(r, base_weights, base)
+            return weights, {**meta, "cases": value}
+    return AbsurdCases
+
+
+def scaled(factor):
+    class Scaled(NumpyTick):
+        """A 'poisoned' update: the base model times `factor` (finite, right shapes)."""
+        def _train(self, r, base_weights, base):
+            weights, meta = super()._train(r, base_weights, base)
+            return {k: v * np.float32(factor) for k, v in weights.items()}, meta
+    return Scaled
+
+
+def honest_merge(fed, r: int, sites) -> str:
+    """The model hash of merging only `sites`' round-r contributions (FFE, case weights)."""
+    base = fed.tick("site0").merged(r - 1)[0]
+    models = {s: factory.trained(base, s, r) for s in sites}
+    merged = asym_fedavg(models, {s: factory.cases_of(s) for s in sites})[sorted(sites)[0]]
+    return model_hash([shards.shard_hash(b) for b in shards.to_shards(merged)])
+
+
+@pytest.mark.parametrize("cls, why", [
+    (NaNWeights, "site 'site1': tensor 'head.weight' has non-finite values"),
+    (Float16, "site 'site1' shard 0: tensor 'encoder.bias' has dtype F16, expected F32"),
+    (WrongShape, "site 'site1': tensor 'head.weight' has shape [3, 4], the agreed model [2, 4]"),
+    (MissingTensor, "site 'site1': lacks 1 tensor(s) of the agreed model, e.g. 'encoder.bias'"),
+    (OtherBase, "site 'site1': round 1 contribution is built on another base model"),
+    (MetaOfAnotherRound, "site 'site1': round 1 metadata disagrees with its commit"),
+    (absurd_cases(0), "site 'site1': absurd case count 0 in round 1"),
+    (absurd_cases(10 ** 9), "site 'site1': absurd case count 1000000000"),
+    (absurd_cases(True), "site 'site1': absurd case count True"),
+    (absurd_cases(2.5), "site 'site1': absurd case count 2.5"),
+], ids=lambda v: getattr(v, "__name__", None))
+def test_a_broken_member_is_excluded_by_every_site_and_named(tmp_path, cls, why):
+    fed = factory.make(tmp_path, rounds=1)
+    fed.run_all({"site1": cls})
+    records = [fed.merged_record(s, 1) for s in fed.sites]
+    assert all(rec == records[0] | {"own": rec["own"]} for rec in records)  # every site agrees
+    assert list(records[0]["excluded"]) == ["site1"] and records[0]["excluded"]["site1"].startswith(why)
+    assert records[0]["per_site"]["site0"] == honest_merge(fed, 1, ["site0", "site2"])
+
+
+def test_max_update_norm_excludes_outsized_updates_and_is_off_by_default(tmp_path):
+    bounded = factory.make(tmp_path / "on", rounds=1, max_update_norm=0.5)
+    bounded.run_all({"site2": scaled(100.0)})
+    excluded = bounded.merged_record("site0", 1)["excluded"]
+    assert list(excluded) == ["site2"] and "site 'site2': update norm" in excluded["site2"]
+    assert "exceeds max_update_norm 0.5 x the merged model's norm" in excluded["site2"]
+    assert bounded.merged_record("site0", 1)["per_site"]["site0"] == honest_merge(bounded, 1, ["site0", "site1"])
+    unbounded = factory.make(tmp_path / "off", rounds=1)
+    unbounded.run_all({"site2": scaled(100.0)})
+    assert unbounded.merged_record("site0", 1)["excluded"] == {}
+    honest = factory.make(tmp_path / "honest", rounds=1, max_update_norm=0.5)
+    honest.run_all()  # ordinary training steps stay within the bound
+    assert honest.merged_record("site0", 1)["excluded"] == {}
+
+
+def test_a_member_with_another_plan_halts_the_federation_naming_both(tmp_path):
+    class OtherPlan(NumpyTick):
+        plans = {**factory.PLANS, "configurations": {"2d": {"patch_size": [48, 32], "batch_size": 2}}}
+
+    fed = factory.make(tmp_path)
+    fed.run("site0")
+    fed.run("site1", OtherPlan)
+    with pytest.raises(FederationHalted, match=r"plans of site2 and site1 differ in: configurations\.2d\."
+                                                r"patch_size\[0\]: 32 != 48"):
+        fed.run("site2")
+
+
+# --------------------------------------------------------------------------- races and clocks
+class NoSeal(NumpyTick):
+    def _try_seal(self, r):
+        return False
+
+
+class PlansOnly(NumpyTick):
+    def rounds_phase(self):
+        raise Wait("round", "away")
+
+
+def test_ten_sites_race_to_seal_one_round(tmp_path):
+    """(Racing create-only writes on the S3 server: tests/test_storage.py.)"""
+    fed = factory.make(tmp_path, n=10, rounds=1)
+    for s in fed.sites * 2:
+        fed.run(s, NoSeal)  # plans agreed, round 0 sealed, every site committed round 1; no seal
+    ticks = [fed.tick(s) for s in fed.sites]
+    start = threading.Barrier(len(ticks))
+
+    def race(tick):
+        start.wait()
+        tick._try_seal(1)
+
+    threads = [threading.Thread(target=race, args=(t,)) for t in ticks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [t.site for t in ticks if "sealed rounds/00001/SEAL.json" in t.report.actions]
+    assert len(winners) == 1
+    fed.run_all()
+    seal = json.loads(fed.storage.get(layout.seal(1)))
+    assert seal["signer"] == winners[0] and sorted(seal["body"]["contributions"]) == sorted(fed.sites)
+    assert len({fed.merged_record(s, 1)["result"] for s in fed.sites}) == 1
+
+
+def test_clocks_skewed_by_minutes_still_seal(tmp_path, monkeypatch):
+    """Quorum 2 of 3, one-hour deadline, site0 five minutes fast, site1 five minutes slow,
+    site2 away after planning: site0's deadline seal is accepted by everyone. A seal
+    dated before the deadline by more than the allowed skew is refused."""
+    fed = factory.make(tmp_path, rounds=1, quorum=2, deadline_s=3600)
+    now, skew = time.time(), {"site0": 300, "site1": -300, "site2": 0}
+    clock = {"t": now, "site": "site0"}
+    monkeypatch.setattr(time, "time", lambda: clock["t"] + skew[clock["site"]])
+
+    def run(site, cls=NumpyTick):
+        clock["site"] = site
+        return fed.run(site, cls)
+
+    for s in fed.sites:
+        run(s, PlansOnly)
+    run("site0")  # round 0 sealed by site0's fast clock: round 1 opens at now + 300
+    assert run("site1").message.startswith("round 1/1: waiting for site2")
+    clock["t"] = now + 3600  # site0's clock: one hour after it opened round 1
+    assert "sealed rounds/00001/SEAL.json" in run("site0").actions
+    for s in fed.sites:
+        assert run(s).finished
+    assert len({fed.merged_record(s, 1)["result"] for s in fed.sites}) == 1
+    body = json.loads(fed.path(layout.seal(1)).read_text())["body"]
+    assert body["reason"] == "deadline" and sorted(body["contributions"]) == ["site0", "site1"]
+    early = body | {"sealed_at": body["opened_at"] + 3600 - CLOCK_SKEW_S - 1}
+    fed.path(layout.seal(1)).write_bytes(sign_record(early, node.open_site(fed.home, "site0")[0].identity()))
+    refused(fed, 1, "sealed with 2 contributions before the deadline", site="site1")
