@@ -1,0 +1,81 @@
+"""nnU-Net side of benchmarks/quality.py, run in a fresh process (nnU-Net fixes its folders
+at import time):
+
+    python benchmarks/quality_worker.py train|predict < request.json
+
+train: the non-federated baselines. nnU-Net's own fingerprint, planner and preprocessing
+    of one dataset (what an asym site does locally), then p2pfed's round driver for all
+    epochs in one go (the same trainer code, schedule and budget as a federated site,
+    without merges), then the standard results folder with checkpoint_final.pth.
+predict: nnU-Net's predictor on standard results folders, in the sequential mode that
+    `nnUNetv2_predict -npp 0 -nps 0` uses; one process for every model pays the torch
+    and nnU-Net imports once.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from p2pfed.nnunet import activate
+
+
+def _write_pooled_splits(dataset: str, site_raw_dirs: list[str]) -> None:
+    """splits_final.json of the pooled dataset: fold k = the union of every site's own fold k,
+    each split exactly as nnU-Net's trainer splits a dataset (sorted ids, seed 12345), so the
+    centralized model trains on the union of the cases the sites train on."""
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    folds = [{"train": [], "val": []} for _ in range(5)]
+    for raw in site_raw_dirs:
+        ids = sorted(p.name[:-len(".nii.gz")] for p in (Path(raw) / "labelsTr").glob("*.nii.gz"))
+        for pooled, site in zip(folds, generate_crossval_split(ids, seed=12345, n_splits=5)):
+            pooled["train"] += site["train"]
+            pooled["val"] += site["val"]
+    out = Path(nnUNet_preprocessed) / maybe_convert_to_dataset_name(dataset) / "splits_final.json"
+    out.write_text(json.dumps(folds, indent=1))
+
+
+def train(folders: list[str], dataset: int, configuration: str, epochs: int, iterations: int,
+          val_iterations: int, pooled_from: list[str] | None = None) -> None:
+    from p2pfed.nnunet.fingerprint import local_fingerprint, plan_and_preprocess
+    from p2pfed.nnunet.train import TrainSpec, export_final, train_round
+
+    local_fingerprint(dataset)
+    plan_and_preprocess(dataset, configuration=configuration)
+    if pooled_from:
+        _write_pooled_splits(dataset, pooled_from)
+    spec = TrainSpec(dataset, configuration, *map(Path, folders), iterations_per_epoch=iterations,
+                     val_iterations=val_iterations, total_epochs=epochs)
+    result = train_round(spec, None, epochs)
+    export_final(spec, result.weights, run_validation=False)
+
+
+def predict(jobs: list[dict], tta: bool) -> None:
+    """jobs: [{"model": trainer folder, "inputs": [[images folder, output folder], ...]}]."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    for job in jobs:
+        predictor = nnUNetPredictor(use_mirroring=tta, perform_everything_on_device=False,
+                                    device=torch.device("cpu"), allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(job["model"], (0,), "checkpoint_final.pth")
+        for images, output in job["inputs"]:
+            Path(output).mkdir(parents=True, exist_ok=True)
+            predictor.predict_from_files_sequential(images, output)
+
+
+def main() -> int:
+    request = json.load(sys.stdin)
+    activate(*request["folders"])
+    if sys.argv[1] == "train":
+        train(request["folders"], **request["kwargs"])
+    else:
+        predict(**request["kwargs"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
