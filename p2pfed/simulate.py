@@ -77,10 +77,11 @@ def make_sites(workdir: Path, n_sites: int, *, dim: int = 2, seed: int = 0, n_tr
 
 
 def setup(workdir: str | Path, n_sites: int = 3, *, storage: str | None = None, init_args: list[str] = (),
-          dim: int = 2, seed: int = 0, n_train=None, channels=("CT",), size=None) -> Simulation:
+          dim: int = 2, seed: int = 0, n_train=None, n_test: int = 2, channels=("CT",), size=None) -> Simulation:
     """Generate the sites and form the federation (init, join, admit with fingerprints)."""
     workdir = Path(workdir).absolute()
-    sites = make_sites(workdir, n_sites, dim=dim, seed=seed, n_train=n_train, channels=channels, size=size)
+    sites = make_sites(workdir, n_sites, dim=dim, seed=seed, n_train=n_train, n_test=n_test, channels=channels,
+                       size=size)
     sim = Simulation(workdir, storage or str(workdir / "shared"), sites, workdir / "home")
 
     def local(site: SimSite) -> list[str]:
