@@ -22,7 +22,8 @@ from p2pfed import crypto, layout, node, shards
 from p2pfed.crypto import Identity, sign_record
 from p2pfed.errors import FederationHalted, IntegrityError
 from p2pfed.merge import Layer, asym_fedavg
-from p2pfed.tick import CLOCK_SKEW_S, Wait, model_hash
+from p2pfed.round_merge import model_hash
+from p2pfed.tick import CLOCK_SKEW_S, Wait
 from p2pfed.verify import verify_storage
 
 
