@@ -12,7 +12,7 @@ import safetensors.numpy
 
 from p2pfed.errors import ContributionRejected
 from p2pfed.merge import asym_fedavg
-from p2pfed.shards import METADATA_KEY, from_shards, read_shard, shard_hash, stream_merge, to_shards
+from p2pfed.shards import METADATA_KEY, from_shards, shard_hash, stream_merge, to_shards
 from test_merge import WEIGHTS, asym_federation, unet
 
 SMALL = 48 << 10  # bytes: several shards per small test network
