@@ -118,16 +118,19 @@ class Tick(RoundMerge):
         self.home.save_state(self.state)
 
     # ------------------------------------------------------------------- helpers
-    def _put_once(self, key: str, kind: str, payload: bytes, **binding) -> None:
+    def _put_once(self, key: str, kind: str, payload: bytes, **binding) -> str:
         """Create-only envelope write that tolerates our own earlier write of the same payload
-        (a tick killed after the write): the stored plaintext must be what we meant to write."""
+        (a tick killed after the write): the stored plaintext must be what we meant to write.
+        Returns the sha256 of the stored envelope, which commits list."""
         if self.st.exists(key):
-            header, plain = read_envelope(self.fed, key, kind, self.me, author=self.site)
+            blob = self.st.get(key)
+            header, plain = read_envelope(self.fed, key, kind, self.me, author=self.site, blob=blob)
             if plain != payload:
                 raise SetupError(f"{key} already holds different content from this site",
                                  "this site's local data changed after it was shared; restore it")
-            return
-        put_envelope(self.fed, key, kind, payload, self.me, recipients=self._recipients(), **binding)
+        else:
+            blob = put_envelope(self.fed, key, kind, payload, self.me, recipients=self._recipients(), **binding)
+        return crypto.sha256_hex(blob)
 
     def _recipients(self):
         parts = getattr(self, "participants", None)
@@ -432,14 +435,13 @@ class Tick(RoundMerge):
         for i, blob in enumerate(blobs):
             plain_sha = crypto.sha256_hex(blob)
             key = layout.shard(r, self.site, plain_sha)
-            self._put_once(key, "shard", blob, round=r)
-            shards.append({"key": key, "sha256": crypto.sha256_hex(self.st.get(key))})
+            shards.append({"key": key, "sha256": self._put_once(key, "shard", blob, round=r)})
             crash_point("upload")
             if self.progress:
                 self.progress("upload", i + 1, len(blobs))
         meta = {**meta, "round": r, "base": base}
-        self._put_once(layout.meta(r, self.site), "meta", crypto.canonical_json(meta), round=r)
-        meta_ref = {"key": layout.meta(r, self.site), "sha256": crypto.sha256_hex(self.st.get(layout.meta(r, self.site)))}
+        meta_ref = {"key": layout.meta(r, self.site),
+                    "sha256": self._put_once(layout.meta(r, self.site), "meta", crypto.canonical_json(meta), round=r)}
         crash_point("commit")
         self._record_once(layout.commit(r, self.site), "commit",
                           {"round": r, "base": base, "shards": shards, "meta": meta_ref})

@@ -19,40 +19,45 @@ class Finding:
 
 def verify_storage(fed: Federation, reader: Identity | None, progress=None) -> list[Finding]:
     """One finding per object. Envelopes are decrypted (plaintext hash checked) when
-    `reader` is among their recipients, else their signature and binding are checked."""
+    `reader` is among their recipients, else their signature and binding are checked.
+    Each object is downloaded once: what commits and seals list is checked at the end
+    against the hashes of the objects as they were read."""
     keys = [k for k in fed.storage.list_prefix("") if not k.startswith("probe/")]
-    findings = []
+    findings, hashes, listed = {}, {}, []
     for key in keys:
         if progress:
             progress(key)
         try:
-            findings.append(Finding(key, True, _check(fed, key, reader)))
+            data = fed.storage.get(key)
+            hashes[key] = sha256_hex(data)
+            findings[key] = Finding(key, True, _check(fed, key, data, reader, listed))
         except P2PFedError as exc:
-            findings.append(Finding(key, False, exc.message))
-    return findings
+            findings[key] = Finding(key, False, exc.message)
+    for key, ref_key, sha in listed:
+        if hashes.get(ref_key) != sha and findings[key].ok:
+            findings[key] = Finding(key, False, f"{key}: lists {ref_key}, which is missing or differs")
+    return list(findings.values())
 
 
-def _check(fed: Federation, key: str, reader: Identity | None) -> str:
+def _check(fed: Federation, key: str, data: bytes, reader: Identity | None, listed: list) -> str:
     if key == "federation.json" or key.startswith(("members/", "joins/")):
-        return _check_membership(fed, key)
+        return _check_membership(fed, key, data)
     kind = kind_of(key)
     if kind is None:
         raise IntegrityError(f"{key}: not an object of the p2pfed protocol")
     name, envelope, author = kind
-    data = fed.storage.get(key)
     if not envelope:
         body = read_record(fed, key, name, author, data=data)
-        for ref_key, sha in _references(name, body):
-            if not fed.storage.exists(ref_key) or sha256_hex(fed.storage.get(ref_key)) != sha:
-                raise IntegrityError(f"{key}: lists {ref_key}, which is missing or differs")
+        listed.extend((key, ref_key, sha) for ref_key, sha in _references(name, body))
         return f"{name} record, signed by {author or 'a member'}"
-    if name == "shard" and key.rsplit("/", 1)[1][:-len(".shard")] != _plain_hash(fed, key, data, reader):
+    header = verify_envelope(data, authors=fed.members, name=key,
+                             expect={"federation": fed.id, "kind": name, "name": key, "author": author})
+    # a shard is named by its plaintext sha256, which its author signed in the header
+    if name == "shard" and key.rsplit("/", 1)[1] != f"{header.get('plaintext_sha256')}.shard":
         raise IntegrityError(f"{key}: content does not match its name")
-    if reader is not None and reader.site in verify_envelope(data, authors=fed.members, name=key).get("recipients", {}):
-        read_envelope(fed, key, name, reader, author, blob=data)
+    if reader is not None and reader.site in header.get("recipients", {}):
+        read_envelope(fed, key, name, reader, author, blob=data)  # decrypts, checks that hash
         return f"{name} envelope, signed by {author}, decrypted and hash-checked"
-    verify_envelope(data, authors=fed.members, name=key,
-                    expect={"federation": fed.id, "kind": name, "name": key, "author": author})
     return f"{name} envelope, signed by {author} (not encrypted for this site)"
 
 
@@ -65,15 +70,7 @@ def _references(kind: str, body: dict) -> list[tuple[str, str]]:
     return []
 
 
-def _plain_hash(fed: Federation, key: str, data: bytes, reader: Identity | None) -> str:
-    """Shards are named by their plaintext sha256; checkable by any recipient."""
-    header = verify_envelope(data, authors=fed.members, name=key)
-    if reader is not None and reader.site in header.get("recipients", {}):
-        return sha256_hex(read_envelope(fed, key, "shard", reader, blob=data)[1])
-    return header.get("plaintext_sha256", "")
-
-
-def _check_membership(fed: Federation, key: str) -> str:
+def _check_membership(fed: Federation, key: str, data: bytes) -> str:
     # federation.load verified federation.json and every member record, or raised.
     site = key.split("/", 1)[-1][:-len(".json")]
     if key.startswith("members/") and site not in fed.members:
@@ -82,6 +79,6 @@ def _check_membership(fed: Federation, key: str) -> str:
         ident = fed.members.get(site) or fed.pending.get(site)
         if ident is None:
             raise IntegrityError(f"{key}: join request is not validly self-signed")
-        open_record(fed.storage.get(key), authors={site: ident}, name=key,
+        open_record(data, authors={site: ident}, name=key,
                     expect=fed.expect("join", site=site, name=key, author=site))
     return "membership record, verified"

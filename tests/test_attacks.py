@@ -198,7 +198,7 @@ class MetaOfAnotherRound(NumpyTick):
     def _put_once(self, key, kind, payload, **binding):
         if kind == "meta" and binding.get("round"):
             payload = crypto.canonical_json({**json.loads(payload), "round": 7})
-        super()._put_once(key, kind, payload, **binding)
+        return super()._put_once(key, kind, payload, **binding)
 
 
 def absurd_cases(value):
