@@ -27,7 +27,7 @@ out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
 
 HomeOpt = typer.Option(None, "--home", envvar="P2PFED_HOME",
-                       help="Folder holding the sites' keys and state [default: ~/.p2pfed].")
+                       help="Folder holding the sites' keys and state (default: ~/.p2pfed).")
 SiteOpt = typer.Option(..., "--site", help="This site's name, as in the federation.")
 
 
@@ -82,11 +82,11 @@ def _local_options(site, dataset, nnunet_raw, nnunet_preprocessed, nnunet_result
 
 
 Dataset = typer.Option(..., "--dataset", "-d", help="This site's nnU-Net dataset id or DatasetXXX_Name.")
-Raw = typer.Option(None, "--nnunet-raw", help="nnUNet_raw folder [default: $nnUNet_raw].")
-Pre = typer.Option(None, "--nnunet-preprocessed", help="nnUNet_preprocessed [default: $nnUNet_preprocessed].")
-Res = typer.Option(None, "--nnunet-results", help="nnUNet_results folder [default: $nnUNet_results].")
+Raw = typer.Option(None, "--nnunet-raw", help="nnUNet_raw folder (default: $nnUNet_raw).")
+Pre = typer.Option(None, "--nnunet-preprocessed", help="nnUNet_preprocessed (default: $nnUNet_preprocessed).")
+Res = typer.Option(None, "--nnunet-results", help="nnUNet_results folder (default: $nnUNet_results).")
 Device = typer.Option("cpu", "--device", help="cpu, cuda or mps.")
-Endpoint = typer.Option(None, "--endpoint", help="S3 endpoint URL (MinIO, ...) [default: $AWS_ENDPOINT_URL].")
+Endpoint = typer.Option(None, "--endpoint", help="S3 endpoint URL (MinIO, ...) (default: $AWS_ENDPOINT_URL).")
 
 
 @app.command()
@@ -102,7 +102,7 @@ def init(
     iterations_per_epoch: int = typer.Option(250, "--iterations-per-epoch", help="nnU-Net iterations per epoch."),
     val_iterations: int = typer.Option(50, "--val-iterations", help="nnU-Net validation iterations per epoch."),
     sites: int = typer.Option(2, "--sites", help="Members that must publish fingerprints before the federation starts."),
-    quorum: Optional[int] = typer.Option(None, "--quorum", help="Contributions that may seal a round after the deadline [default: all sites]."),
+    quorum: Optional[int] = typer.Option(None, "--quorum", help="Contributions that may seal a round after the deadline (default: all sites)."),
     deadline: str = typer.Option("24h", "--deadline", help="How long a round waits for all sites before the quorum may seal it (e.g. 30m, 6h)."),
     weighting: str = typer.Option("cases", "--weighting", help="cases (weight by training cases) or uniform."),
     layers: str = typer.Option("subset", "--layers", help="subset (average each layer over sites that share it) or intersection."),
@@ -319,7 +319,7 @@ def simulate(
     iterations: int = typer.Option(10, "--iterations-per-epoch", help="nnU-Net iterations per epoch (tiny for a demo)."),
     dim: int = typer.Option(2, "--dim", help="2 (2-D images, 2d configuration) or 3 (small volumes, 3d_fullres)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic data."),
-    storage: Optional[str] = typer.Option(None, "--storage", help="Shared storage [default: WORKDIR/shared]."),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Shared storage (default: WORKDIR/shared)."),
     final_validation: bool = typer.Option(True, "--final-validation/--no-final-validation",
                                           help="Run nnU-Net's validation on each site's final model."),
 ):
