@@ -199,7 +199,7 @@ def _progress_bar():
 def _tick(home, site, say, until=None):
     from p2pfed import node
     from p2pfed.site import SiteHome, TickBusy
-    from p2pfed.tick import Report, Tick
+    from p2pfed.protocol import Report, Tick
 
     try:
         # nnU-Net prints freely; stdout is kept for this command's own result (--json)
@@ -207,9 +207,9 @@ def _tick(home, site, say, until=None):
             home_, config, fed = node.open_site(home, site)
             bar, update = _progress_bar()
             if bar is None:
-                return Tick(home_, config, fed, say=say, until=until).run()
+                return Tick(home_, config, fed, say=say, stop_after=until).run()
             with bar:
-                return Tick(home_, config, fed, say=say, progress=update, until=until).run()
+                return Tick(home_, config, fed, say=say, progress=update, stop_after=until).run()
     except TickBusy:
         return Report(site, phase="busy", message=f"another tick of site {site!r} is running; nothing done")
 

@@ -52,6 +52,11 @@ def canonical_json(obj: Any) -> bytes:
                       allow_nan=False).encode()
 
 
+def hash_json(obj: Any) -> str:
+    """sha256 (hex) of an object's canonical JSON: how plans and merge results are compared."""
+    return sha256_hex(canonical_json(obj))
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
@@ -229,6 +234,10 @@ def read_header(blob: bytes, name: str) -> dict:
         raise IntegrityError(f"{name}: envelope header is not JSON") from None
     if not isinstance(header, dict) or not isinstance(header.get("author"), str):
         raise IntegrityError(f"{name}: envelope header lacks an author")
+    recipients = header.get("recipients")
+    if not isinstance(recipients, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                   for k, v in recipients.items()):
+        raise IntegrityError(f"{name}: envelope header has a malformed recipients list")
     return header
 
 
@@ -249,7 +258,7 @@ def open_sealed(blob: bytes, *, reader: Identity, authors: Mapping[str, PublicId
                 name: str, expect: Mapping[str, Any] | None = None) -> tuple[dict, bytes]:
     """Verify, then decrypt. Returns (header, plaintext)."""
     header = verify_envelope(blob, authors=authors, name=name, expect=expect)
-    wrapped = header.get("recipients", {}).get(reader.site)
+    wrapped = header["recipients"].get(reader.site)
     if wrapped is None:
         raise IntegrityError(f"{name}: not encrypted for site {reader.site!r}",
                              "the object predates this site's admission, or was made for another federation")

@@ -69,3 +69,49 @@ def final_metrics(site: str) -> str:
 def round_of(key: str) -> int | None:
     m = re.match(r"^rounds/(\d{5})/", key)
     return int(m.group(1)) if m else None
+
+
+def folder(key: str) -> str:
+    """The prefix a tick lists once to learn which keys near `key` exist: a round's
+    folder, or the first path component (members, fingerprints, plans, final)."""
+    r = round_of(key)
+    return round_dir(r) if r is not None else key.split("/", 1)[0] if "/" in key else ""
+
+
+# key pattern -> (kind, is_envelope). The group, if any, names the author site.
+KINDS: list[tuple[re.Pattern, str, bool]] = [
+    (re.compile(r"^federation\.json$"), "federation", False),
+    (re.compile(r"^members/([^/]+)\.json$"), "member", False),
+    (re.compile(r"^joins/([^/]+)\.json$"), "join", False),
+    (re.compile(r"^fingerprints/([^/]+)/summary\.p2pf$"), "summary", True),
+    (re.compile(r"^fingerprints/([^/]+)/histogram\.p2pf$"), "histogram", True),
+    (re.compile(r"^fingerprints/SEAL\.json$"), "fingerprint-seal", False),
+    (re.compile(r"^plans/([^/]+)\.p2pf$"), "plan", True),
+    (re.compile(r"^plans/([^/]+)\.json$"), "plan-hash", False),
+    (re.compile(r"^rounds/\d{5}/([^/]+)/[0-9a-f]{64}\.shard$"), "shard", True),
+    (re.compile(r"^rounds/\d{5}/([^/]+)/meta\.p2pf$"), "meta", True),
+    (re.compile(r"^rounds/\d{5}/([^/]+)/COMMIT\.json$"), "commit", False),
+    (re.compile(r"^rounds/\d{5}/SEAL\.json$"), "seal", False),
+    (re.compile(r"^rounds/\d{5}/merged/([^/]+)\.json$"), "merged", False),
+    (re.compile(r"^final/([^/]+)\.p2pf$"), "final", True),
+]
+
+
+def kind_of(key: str) -> tuple[str, bool, str | None] | None:
+    """(kind, is_envelope, site the key names or None) of a protocol key; None if foreign.
+    For member and join records the site is the member, not the signer."""
+    for pattern, kind, envelope in KINDS:
+        m = pattern.match(key)
+        if m:
+            return kind, envelope, (m.group(1) if m.groups() else None)
+    return None
+
+
+def sites_in(keys, kind: str) -> dict[str, str]:
+    """site -> key for every key of `kind` among `keys`."""
+    found = {}
+    for key in keys:
+        parsed = kind_of(key)
+        if parsed and parsed[0] == kind and parsed[2] is not None:
+            found[parsed[2]] = key
+    return found

@@ -2,10 +2,9 @@
 
 Every object (record or envelope) signs the federation id, its kind and its own
 storage key ("name"), so nothing can be replayed into another place, round or
-federation. Kinds by key pattern are listed in KINDS (docs/design.md, "Bucket tree")."""
+federation. Kinds by key pattern are listed in `p2pfed.layout.KINDS` (docs/design.md, "Bucket tree")."""
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping
 
 from . import crypto
@@ -13,30 +12,6 @@ from .crypto import Identity
 from .errors import IntegrityError
 from .faults import after_write
 from .federation import Federation
-
-# key pattern -> (kind, is_envelope). The first group names the author site.
-KINDS: list[tuple[re.Pattern, str, bool]] = [
-    (re.compile(r"^fingerprints/([^/]+)/summary\.p2pf$"), "summary", True),
-    (re.compile(r"^fingerprints/([^/]+)/histogram\.p2pf$"), "histogram", True),
-    (re.compile(r"^fingerprints/SEAL\.json$"), "fingerprint-seal", False),
-    (re.compile(r"^plans/([^/]+)\.p2pf$"), "plan", True),
-    (re.compile(r"^plans/([^/]+)\.json$"), "plan-hash", False),
-    (re.compile(r"^rounds/\d{5}/([^/]+)/[0-9a-f]{64}\.shard$"), "shard", True),
-    (re.compile(r"^rounds/\d{5}/([^/]+)/meta\.p2pf$"), "meta", True),
-    (re.compile(r"^rounds/\d{5}/([^/]+)/COMMIT\.json$"), "commit", False),
-    (re.compile(r"^rounds/\d{5}/SEAL\.json$"), "seal", False),
-    (re.compile(r"^rounds/\d{5}/merged/([^/]+)\.json$"), "merged", False),
-    (re.compile(r"^final/([^/]+)\.p2pf$"), "final", True),
-]
-
-
-def kind_of(key: str) -> tuple[str, bool, str | None] | None:
-    for pattern, kind, envelope in KINDS:
-        m = pattern.match(key)
-        if m:
-            return kind, envelope, (m.group(1) if m.groups() else None)
-    return None
-
 
 def _expect(fed: Federation, key: str, kind: str, author: str | None) -> dict:
     want = fed.expect(kind, name=key)

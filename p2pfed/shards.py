@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -42,6 +43,11 @@ Sink = Callable[[str, int, bytes], None]
 def shard_hash(blob: bytes) -> str:
     """The sha256 (hex) that commits and merge announcements list for a shard."""
     return hashlib.sha256(blob).hexdigest()
+
+
+def model_hash(shard_hashes: Sequence[str]) -> str:
+    """A model's identity: the sha256 of its canonical JSON shard list (docs/design.md)."""
+    return hashlib.sha256(json.dumps(list(shard_hashes), separators=(",", ":")).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- writing
@@ -126,9 +132,10 @@ def _parse_safetensors(blob: bytes, origin: str) -> tuple[dict, dict[str, np.nda
     for name, entry in header.items():
         try:
             dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            count = int(np.prod(shape, dtype=np.int64))
-            valid = all(isinstance(d, int) and d >= 0 for d in shape) \
-                and isinstance(begin, int) and end == begin + 4 * count
+            # Python ints: a declared shape like [2**32, 2**32] must not wrap around in int64
+            valid = isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape) \
+                and type(begin) is int and type(end) is int and end == begin + 4 * math.prod(shape)
+            count = math.prod(shape) if valid else 0
         except (KeyError, TypeError, ValueError):
             raise bad(f"tensor {name!r} is malformed") from None
         if dtype != "F32":

@@ -7,7 +7,9 @@ from .crypto import Identity, open_record, sha256_hex, verify_envelope
 from . import layout
 from .errors import IntegrityError, P2PFedError
 from .federation import Federation
-from .objects import kind_of, read_envelope, read_record
+from .layout import kind_of
+from .objects import read_envelope, read_record
+from .protocol.contribution import parse_commit
 
 
 @dataclass
@@ -40,15 +42,15 @@ def verify_storage(fed: Federation, reader: Identity | None, progress=None) -> l
 
 
 def _check(fed: Federation, key: str, data: bytes, reader: Identity | None, listed: list) -> str:
-    if key == "federation.json" or key.startswith(("members/", "joins/")):
-        return _check_membership(fed, key, data)
     kind = kind_of(key)
     if kind is None:
         raise IntegrityError(f"{key}: not an object of the p2pfed protocol")
     name, envelope, author = kind
+    if name in ("federation", "member", "join"):
+        return _check_membership(fed, key, name, author, data)
     if not envelope:
         body = read_record(fed, key, name, author, data=data)
-        listed.extend((key, ref_key, sha) for ref_key, sha in _references(name, body))
+        listed.extend((key, ref_key, sha) for ref_key, sha in _references(key, name, author, body))
         return f"{name} record, signed by {author or 'a member'}"
     header = verify_envelope(data, authors=fed.members, name=key,
                              expect={"federation": fed.id, "kind": name, "name": key, "author": author})
@@ -61,21 +63,26 @@ def _check(fed: Federation, key: str, data: bytes, reader: Identity | None, list
     return f"{name} envelope, signed by {author} (not encrypted for this site)"
 
 
-def _references(kind: str, body: dict) -> list[tuple[str, str]]:
-    """(key, sha256) of the objects a commit or a seal vouches for: all must be there."""
+def _references(key: str, kind: str, author: str | None, body: dict) -> list[tuple[str, str]]:
+    """(key, sha256) of the objects a commit or a seal vouches for: all must be there.
+    A malformed commit or seal raises, naming itself."""
+    r = layout.round_of(key)
     if kind == "commit":
-        return [(ref["key"], ref["sha256"]) for ref in body.get("shards", []) + [body.get("meta", {})]]
+        commit = parse_commit(author, r, body)
+        return [(ref.key, ref.sha256) for ref in (*commit.shards, commit.meta)]
     if kind == "seal":
-        return [(layout.commit(body["round"], site), sha) for site, sha in body.get("contributions", {}).items()]
+        contributions = body.get("contributions")
+        if not isinstance(contributions, dict) or not all(isinstance(v, str) for v in contributions.values()):
+            raise IntegrityError(f"{key}: malformed seal")
+        return [(layout.commit(r, site), sha) for site, sha in contributions.items()]
     return []
 
 
-def _check_membership(fed: Federation, key: str, data: bytes) -> str:
+def _check_membership(fed: Federation, key: str, kind: str, site: str | None, data: bytes) -> str:
     # federation.load verified federation.json and every member record, or raised.
-    site = key.split("/", 1)[-1][:-len(".json")]
-    if key.startswith("members/") and site not in fed.members:
+    if kind == "member" and site not in fed.members:
         raise IntegrityError(f"{key}: not a verified member record")
-    if key.startswith("joins/"):
+    if kind == "join":
         ident = fed.members.get(site) or fed.pending.get(site)
         if ident is None:
             raise IntegrityError(f"{key}: join request is not validly self-signed")

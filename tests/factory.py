@@ -1,8 +1,8 @@
 """A real federation without nnU-Net, for the attack, fault, crash and race tests.
 
 Everything is real (site homes and keys, storage, records, envelopes, seals, merges, the
-tick's phases in p2pfed.tick.Tick) except nnU-Net: `NumpyTick` plans a fixed tiny plan
-and "trains" by adding seeded noise to a three-tensor numpy model. A tick then costs
+tick's phases in p2pfed.protocol) except nnU-Net: `NumpyTrainer`, a LocalTrainer, plans a
+fixed tiny plan and "trains" by adding seeded noise to a three-tensor numpy model. A tick then costs
 milliseconds, so tests can tamper with every object and run the protocol again.
 
 Run as a script, it is one tick in a fresh process, as cron runs it (the crash tests
@@ -23,7 +23,8 @@ from p2pfed.crypto import Identity
 from p2pfed.federation import Settings
 from p2pfed.site import SiteConfig, SiteHome
 from p2pfed.storage import open_storage
-from p2pfed.tick import Report, Tick
+from p2pfed.protocol import Report, Tick, Trained
+from p2pfed.protocol.phases import merge
 
 PLANS = {"configurations": {"2d": {"patch_size": [32, 32], "batch_size": 2}}, "plans_name": "nnUNetPlans"}
 SHAPES = {"encoder.weight": (4, 3), "encoder.bias": (4,), "head.weight": (2, 4)}
@@ -38,28 +39,49 @@ def cases_of(site: str) -> int:
     return 5 + int(site[4:])
 
 
-class NumpyTick(Tick):
-    """The real tick with nnU-Net's parts (fingerprint, planning, training, export) replaced."""
+class NumpyTrainer:
+    """A LocalTrainer without nnU-Net: a fixed tiny plan, and 'training' that adds
+    seeded noise to a three-tensor numpy model. Attack tests subclass it."""
 
     plans = PLANS
 
-    def _publish_summary(self) -> None:
-        pass  # intensity statistics need nnU-Net; the plan below stands for their outcome
+    def __init__(self, site: str, home: SiteHome):
+        self.site, self.home = site, home
 
-    def _ffe_plan(self) -> dict:
+    def check_ready(self) -> None:
+        pass
+
+    def _foreground(self) -> list[np.ndarray]:
+        """Seeded 'foreground intensities' of this site's cases (one channel)."""
+        rng = np.random.default_rng(cases_of(self.site))
+        return [rng.normal(100 + cases_of(self.site), 20, 64) for _ in range(cases_of(self.site))]
+
+    def summary(self) -> dict:
+        """A real FFE summary of the seeded intensities (geometry: 32x32 crops)."""
+        from test_membership import DATASET
+
+        cases = [{"spacing": [1.0, 1.0], "shape_after_crop": [32, 32], "relative_size_after_crop": 1.0}
+                 for _ in range(cases_of(self.site))]
+        info = {**ffe.dataset_info(DATASET), "numTraining": cases_of(self.site)}
+        return ffe.site_summary(info, cases, [[ffe.case_moments(v)] for v in self._foreground()])
+
+    def histograms(self, ranges) -> dict:
+        (lo, hi), bins = ranges[0], 256
+        dense = sum(ffe.case_histogram(v, lo, hi, bins) for v in self._foreground())
+        return ffe.histogram_payload(ranges, bins, [dense])
+
+    def plan(self, fingerprint) -> dict:
+        """The fixed tiny plan (the real fingerprint is merged, then stands for nnU-Net's planning)."""
         return self.plans
 
-    _asym_plan = _ffe_plan
-
-    def _initial_weights(self):
+    def initial_weights(self):
         return model(0)
 
-    def _train(self, r, base_weights, base):
-        start = base_weights if base_weights is not None else model(cases_of(self.site))
-        return trained(start, self.site, r), {"round": r, "base": base, "cases": cases_of(self.site),
-                                              "epoch": r - 1, "metrics": {}}
+    def train(self, r, base) -> Trained:
+        start = base if base is not None else model(cases_of(self.site))
+        return Trained(trained(start, self.site, r), cases_of(self.site), r - 1, {})
 
-    def _export_final(self, weights):
+    def export_final(self, weights):
         return self.home.work("final"), None
 
 
@@ -86,30 +108,38 @@ class Fed:
     def storage(self):
         return open_storage(self.url, self.endpoint)
 
-    def tick(self, site: str, cls: type[Tick] = NumpyTick) -> Tick:
-        """A site's tick with a fresh, verified view of the federation (participants known)."""
+    def tick(self, site: str, trainer: type = NumpyTrainer, **options) -> Tick:
+        """A site's tick with a fresh, verified view of the federation."""
         home, config, fed = node.open_site(self.home, site)
-        tick = cls(home, config, fed)
-        seal = tick.fingerprint_seal()
-        if seal is not None:
-            tick.participants = seal["participants"]
-        return tick
+        return Tick(home, config, fed, trainer=trainer(site, home), **options)
 
-    def run(self, site: str, cls: type[Tick] = NumpyTick) -> Report:
-        return self.tick(site, cls).run()
+    def run(self, site: str, trainer: type = NumpyTrainer, **options) -> Report:
+        return self.tick(site, trainer, **options).run()
 
-    def run_all(self, classes: dict | None = None, sweeps: int = 12) -> None:
+    def run_all(self, trainers: dict | None = None, sweeps: int = 12) -> None:
         """Tick every site round-robin until all have finished."""
         for _ in range(sweeps):
-            if all([self.run(s, (classes or {}).get(s, NumpyTick)).finished for s in self.sites]):
+            if all([self.run(s, (trainers or {}).get(s, NumpyTrainer)).finished for s in self.sites]):
                 return
         raise AssertionError(f"federation not finished after {sweeps} sweeps")
 
+    def prepare(self, stop_after: str = "plan", sweeps: int = 3) -> None:
+        """Tick every site round-robin, each stopping after `stop_after` (the FFE
+        exchange takes three sweeps: summaries, histograms, plans)."""
+        for _ in range(sweeps):
+            for s in self.sites:
+                self.run(s, stop_after=stop_after)
+
     def remerge(self, site: str, r: int):
-        """Merge round r again as `site`, from the shared storage only (cache dropped)."""
+        """Merge round r again as `site`, as a site that has not seen it yet would: from
+        the shared storage only (its merge, its copy of the seal and its checks dropped).
+        Returns (weights, model hash)."""
         tick = self.tick(site)
         shutil.rmtree(tick.home.work("merged", f"{r:05d}"))
-        return tick.merged(r)
+        (tick.home.work("seals") / f"{r:05d}.json").unlink(missing_ok=True)
+        tick.save(unconfirmed={}, merged_upto=min(tick.state.get("merged_upto", r), r - 1))
+        merge.merge_round(tick, r)
+        return merge.merged_weights(tick, r)
 
     def merged_record(self, site: str, r: int) -> dict:
         return json.loads((self.home / "sites" / site / "work" / "merged" / f"{r:05d}" / "merged.json").read_text())
@@ -151,7 +181,8 @@ def keys(fed: Fed) -> list[str]:
 
 def main(home: str, site: str) -> None:
     with SiteHome(home, site).lock():
-        report = NumpyTick(*node.open_site(home, site)).run()
+        home_, config, fed = node.open_site(home, site)
+        report = Tick(home_, config, fed, trainer=NumpyTrainer(site, home_)).run()
     print(json.dumps(report.to_json()))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 import threading
 import time
 
@@ -17,13 +18,15 @@ import numpy as np
 import pytest
 
 import factory
-from factory import NumpyTick
-from p2pfed import crypto, layout, node, shards
+import safetensors.numpy
+from factory import NumpyTrainer
+from p2pfed import crypto, layout, node, objects, shards
 from p2pfed.crypto import Identity, sign_record
 from p2pfed.errors import FederationHalted, IntegrityError
-from p2pfed.merge import Layer, asym_fedavg
-from p2pfed.round_merge import model_hash
-from p2pfed.tick import CLOCK_SKEW_S, Wait
+from p2pfed.merge import asym_fedavg
+from p2pfed.protocol import CLOCK_SKEW_S
+from p2pfed.protocol.phases import merge
+from p2pfed.shards import model_hash
 from p2pfed.verify import verify_storage
 
 
@@ -83,7 +86,7 @@ def test_an_object_moved_to_another_round_is_refused(fed):
     refused(fed, 2, f"{meta}: not the metadata the commit lists")
     assert "field 'name' is 'rounds/00001/site1/meta.p2pf'" in bad_keys(fed)[meta]
     fed.path(commit).write_bytes(fed.path(layout.commit(1, "site1")).read_bytes())
-    refused(fed, 2, f"{commit}: missing or not the commit the seal lists")
+    refused(fed, 2, f"{commit}: field 'name' is 'rounds/00001/site1/COMMIT.json'")
 
 
 def test_an_older_seal_replayed_is_refused(fed):
@@ -97,7 +100,7 @@ def test_an_object_from_another_federation_is_refused(fed, tmp_path_factory):
     other.run_all()
     key = layout.commit(2, "site1")
     fed.path(key).write_bytes(other.path(key).read_bytes())
-    refused(fed, 2, "not the commit the seal lists")
+    refused(fed, 2, f"{key}: bad signature")
     assert "bad signature (claims to be from site1)" in bad_keys(fed)[key]
 
 
@@ -126,12 +129,11 @@ def test_a_member_signing_for_another_site_is_refused(fed):
     key = layout.commit(2, "site2")
     body = json.loads(fed.path(key).read_text())["body"]
     me = node.open_site(fed.home, "site1")[0].identity()
-    tick = fed.tick("site0")
     for forged, why in ((body | {"author": "site1"}, "field 'author' is 'site1', expected 'site2'"),
                         (body, "signed by 'site1' on behalf of 'site2'")):
         fed.path(key).write_bytes(sign_record(forged, me))
         with pytest.raises(IntegrityError, match=why):
-            tick._valid_commits(2)
+            fed.tick("site0").view.commits(2)
 
 
 def test_an_equivocating_seal_is_caught_by_the_merge_comparison(tmp_path):
@@ -139,8 +141,8 @@ def test_an_equivocating_seal_is_caught_by_the_merge_comparison(tmp_path):
     that lost the race (it saw the bytes) and shows it to site2 only: site2's merge
     differs from what the others published, and the federation halts."""
     fed = factory.make(tmp_path, rounds=1, quorum=2, deadline_s=0)
-    for s in fed.sites * 2:
-        fed.run(s, NoSeal)  # plans agreed, round 0 sealed, all three committed round 1
+    for s in fed.sites * 4:
+        fed.run(s, stop_after="upload")  # plans agreed, round 0 sealed, all three committed round 1
     fed.run("site0")  # seals all three
     fed.run("site1")
     seal = json.loads(fed.path(layout.seal(1)).read_text())["body"]
@@ -153,98 +155,145 @@ def test_an_equivocating_seal_is_caught_by_the_merge_comparison(tmp_path):
 
 
 # --------------------------------------------------------------------------- members
-class Unchecked(NumpyTick):
-    """A member whose node skips its own checks on upload (a patched or malicious p2pfed)."""
-
-    dtype = np.float32
-
-    def _upload(self, r, weights, meta, base):
-        checked, shards.to_shards = shards.to_shards, lambda w, site: [shards._serialize(
-            [(k, Layer((k,), np.asarray(v, self.dtype))) for k, v in sorted(w.items())])]
-        try:
-            super()._upload(r, weights, meta, base)
-        finally:
-            shards.to_shards = checked
+def raw_shard(weights: dict, dtype=np.float32) -> bytes:
+    """A shard as a patched node could write it: any dtype and values, no checks."""
+    meta = json.dumps({"names": {k: [k] for k in weights}, "version": 1}, sort_keys=True, separators=(",", ":"))
+    return safetensors.numpy.save({k: np.asarray(v, dtype) for k, v in weights.items()},
+                                  metadata={shards.METADATA_KEY: meta})
 
 
-class Float16(Unchecked):
-    dtype = np.float16
+def forge(fed, site: str, r: int, blobs=None, meta=None, commit=None) -> None:
+    """Write `site`'s round-r contribution as a patched or malicious node would: validly
+    signed, with shards blobs(trained weights), and meta and commit fields overridden."""
+    tick = fed.tick(site, stop_after="merge")
+    tick.run()  # planned, and round r-1 merged: the base this contribution names
+    weights, base = merge.merged_weights(tick, r - 1)
+    weights = factory.trained(weights, site, r)
+    refs = []
+    for blob in (blobs(weights) if blobs else shards.to_shards(weights)):
+        key = layout.shard(r, site, crypto.sha256_hex(blob))
+        env = objects.put_envelope(tick.fed, key, "shard", blob, tick.me, tick.view.recipients(), round=r)
+        refs.append({"key": key, "sha256": crypto.sha256_hex(env)})
+    meta = {"round": r, "base": base, "cases": factory.cases_of(site), "epoch": r - 1, "metrics": {}, **(meta or {})}
+    env = objects.put_envelope(tick.fed, layout.meta(r, site), "meta", crypto.canonical_json(meta), tick.me,
+                               tick.view.recipients(), round=r)
+    body = {"round": r, "base": base, "shards": refs,
+            "meta": {"key": layout.meta(r, site), "sha256": crypto.sha256_hex(env)}, **(commit or {})}
+    objects.put_record(tick.fed, layout.commit(r, site), "commit", body, tick.me)
 
 
-class NaNWeights(Unchecked):
-    def _train(self, r, base_weights, base):
-        weights, meta = super()._train(r, base_weights, base)
-        return {**weights, "head.weight": np.full((2, 4), np.nan, np.float32)}, meta
+def nan_weights(w):
+    return [raw_shard({**w, "head.weight": np.full((2, 4), np.nan)})]
 
 
-class WrongShape(NumpyTick):
-    def _train(self, r, base_weights, base):
-        weights, meta = super()._train(r, base_weights, base)
-        return {**weights, "head.weight": np.zeros((3, 4), np.float32)}, meta
+def float16(w):
+    return [raw_shard(w, np.float16)]
 
 
-class MissingTensor(NumpyTick):
-    def _train(self, r, base_weights, base):
-        weights, meta = super()._train(r, base_weights, base)
-        return {k: v for k, v in weights.items() if k != "encoder.bias"}, meta
+class WrongShape(NumpyTrainer):
+    def train(self, r, base):
+        result = super().train(r, base)
+        return replace(result, weights={**result.weights, "head.weight": np.zeros((3, 4), np.float32)})
 
 
-class OtherBase(NumpyTick):
-    def _upload(self, r, weights, meta, base):
-        super()._upload(r, weights, meta, "f" * 64 if r else base)
-
-
-class MetaOfAnotherRound(NumpyTick):
-    def _put_once(self, key, kind, payload, **binding):
-        if kind == "meta" and binding.get("round"):
-            payload = crypto.canonical_json({**json.loads(payload), "round": 7})
-        return super()._put_once(key, kind, payload, **binding)
+class MissingTensor(NumpyTrainer):
+    def train(self, r, base):
+        result = super().train(r, base)
+        return replace(result, weights={k: v for k, v in result.weights.items() if k != "encoder.bias"})
 
 
 def absurd_cases(value):
-    class AbsurdCases(NumpyTick):
-        def _train(self, r, base_weights, base):
-            weights, meta = super()._train(r, base_weights, base)
-            return weights, {**meta, "cases": value}
+    class AbsurdCases(NumpyTrainer):
+        def train(self, r, base):
+            return replace(super().train(r, base), cases=value)
     return AbsurdCases
 
 
 def scaled(factor):
-    class Scaled(NumpyTick):
+    class Scaled(NumpyTrainer):
         """A 'poisoned' update: the base model times `factor` (finite, right shapes)."""
-        def _train(self, r, base_weights, base):
-            weights, meta = super()._train(r, base_weights, base)
-            return {k: v * np.float32(factor) for k, v in weights.items()}, meta
+        def train(self, r, base):
+            result = super().train(r, base)
+            return replace(result, weights={k: v * np.float32(factor) for k, v in result.weights.items()})
     return Scaled
 
 
 def honest_merge(fed, r: int, sites) -> str:
     """The model hash of merging only `sites`' round-r contributions (FFE, case weights)."""
-    base = fed.tick("site0").merged(r - 1)[0]
+    base = merge.merged_weights(fed.tick("site0"), r - 1)[0]
     models = {s: factory.trained(base, s, r) for s in sites}
     merged = asym_fedavg(models, {s: factory.cases_of(s) for s in sites})[sorted(sites)[0]]
     return model_hash([shards.shard_hash(b) for b in shards.to_shards(merged)])
 
 
-@pytest.mark.parametrize("cls, why", [
-    (NaNWeights, "site 'site1': tensor 'head.weight' has non-finite values"),
-    (Float16, "site 'site1' shard 0: tensor 'encoder.bias' has dtype F16, expected F32"),
+@pytest.mark.parametrize("attack, why", [
+    (dict(blobs=nan_weights), "site 'site1': tensor 'head.weight' has non-finite values"),
+    (dict(blobs=float16), "site 'site1' shard 0: tensor 'encoder.bias' has dtype F16, expected F32"),
     (WrongShape, "site 'site1': tensor 'head.weight' has shape [3, 4], the agreed model [2, 4]"),
     (MissingTensor, "site 'site1': lacks 1 tensor(s) of the agreed model, e.g. 'encoder.bias'"),
-    (OtherBase, "site 'site1': round 1 contribution is built on another base model"),
-    (MetaOfAnotherRound, "site 'site1': round 1 metadata disagrees with its commit"),
+    (dict(commit={"base": "f" * 64}, meta={"base": "f" * 64}),
+     "site 'site1': round 1 contribution is built on another base model"),
+    (dict(meta={"round": 7}), "site 'site1': round 1 metadata disagrees with its commit"),
     (absurd_cases(0), "site 'site1': absurd case count 0 in round 1"),
     (absurd_cases(10 ** 9), "site 'site1': absurd case count 1000000000"),
     (absurd_cases(True), "site 'site1': absurd case count True"),
     (absurd_cases(2.5), "site 'site1': absurd case count 2.5"),
-], ids=lambda v: getattr(v, "__name__", None))
-def test_a_broken_member_is_excluded_by_every_site_and_named(tmp_path, cls, why):
+], ids=lambda v: getattr(v, "__name__", None) or (str(v)[:40] if isinstance(v, dict) else None))
+def test_a_broken_member_is_excluded_by_every_site_and_named(tmp_path, attack, why):
     fed = factory.make(tmp_path, rounds=1)
-    fed.run_all({"site1": cls})
+    if isinstance(attack, dict):
+        forge_round_1(fed, **attack)
+        attack = NumpyTrainer
+    fed.run_all({"site1": attack})
     records = [fed.merged_record(s, 1) for s in fed.sites]
     assert all(rec == records[0] | {"own": rec["own"]} for rec in records)  # every site agrees
     assert list(records[0]["excluded"]) == ["site1"] and records[0]["excluded"]["site1"].startswith(why)
     assert records[0]["per_site"]["site0"] == honest_merge(fed, 1, ["site0", "site2"])
+
+
+def forge_round_1(fed, **attack) -> None:
+    """Every site planned, round 0 sealed, and site1's round 1 contribution forged."""
+    fed.prepare()
+    fed.run("site0", stop_after="initial model")
+    forge(fed, "site1", 1, **attack)
+
+
+MALFORMED_COMMITS = [
+    ({"meta": None}, "site 'site1': round 1 commit lists a malformed reference None"),
+    ({"shards": {"0": "x"}}, "site 'site1': round 1 commit has no list of shards"),
+    ({"shards": [{"key": "rounds/00001/site2/" + "0" * 64 + ".shard", "sha256": "0" * 64}]},
+     "site 'site1': round 1 commit lists a shard elsewhere"),
+]
+
+
+@pytest.mark.parametrize("commit, why", MALFORMED_COMMITS, ids=["no-meta", "shards-not-a-list", "shard-elsewhere"])
+def test_a_malformed_commit_is_never_sealed_and_verify_names_it(tmp_path, commit, why):
+    fed = factory.make(tmp_path, rounds=1, quorum=2, deadline_s=0)
+    forge_round_1(fed, commit=commit)
+    for s in ("site0", "site2"):
+        fed.run(s, stop_after="upload")
+    report = fed.run("site0", stop_after="seal")  # quorum 2, deadline passed: sealed without site1
+    assert "sealed rounds/00001/SEAL.json" in report.actions
+    seal = json.loads(fed.path(layout.seal(1)).read_text())["body"]
+    assert sorted(seal["contributions"]) == ["site0", "site2"]
+    assert bad_keys(fed)[layout.commit(1, "site1")].startswith(why)
+
+
+@pytest.mark.parametrize("commit, why", MALFORMED_COMMITS[:2], ids=["no-meta", "shards-not-a-list"])
+def test_a_malformed_commit_sealed_by_its_author_is_excluded_by_every_site(tmp_path, commit, why):
+    """Its author seals it anyway (valid: all three committed): every site excludes it."""
+    fed = factory.make(tmp_path, rounds=1)
+    forge_round_1(fed, commit=commit)
+    for s in ("site0", "site2"):
+        fed.run(s, stop_after="upload")
+    tick = fed.tick("site1")
+    body = {"round": 1, "contributions": {s: sha for s, (sha, _) in tick.view.commits(1).items()},
+            "reason": "all", "opened_at": tick.view.opened_at(1), "sealed_at": int(time.time())}
+    objects.put_record(tick.fed, layout.seal(1), "seal", body, tick.me)
+    fed.run_all()
+    records = [fed.merged_record(s, 1) for s in fed.sites]
+    assert all(rec["result"] == records[0]["result"] for rec in records)
+    assert list(records[0]["excluded"]) == ["site1"] and records[0]["excluded"]["site1"].startswith(why)
 
 
 def test_max_update_norm_excludes_outsized_updates_and_is_off_by_default(tmp_path):
@@ -263,39 +312,27 @@ def test_max_update_norm_excludes_outsized_updates_and_is_off_by_default(tmp_pat
 
 
 def test_a_member_with_another_plan_halts_the_federation_naming_both(tmp_path):
-    class OtherPlan(NumpyTick):
+    class OtherPlan(NumpyTrainer):
         plans = {**factory.PLANS, "configurations": {"2d": {"patch_size": [48, 32], "batch_size": 2}}}
 
     fed = factory.make(tmp_path)
-    fed.run("site0")
-    fed.run("site1", OtherPlan)
-    with pytest.raises(FederationHalted, match=r"plans of site2 and site1 differ in: configurations\.2d\."
-                                                r"patch_size\[0\]: 32 != 48"):
-        fed.run("site2")
+    with pytest.raises(FederationHalted, match=r"plans of site\d and site1 differ in: configurations\.2d\."
+                                                r"patch_size\[0\]: (32 != 48|48 != 32)"):
+        fed.run_all({"site1": OtherPlan})
 
 
 # --------------------------------------------------------------------------- races and clocks
-class NoSeal(NumpyTick):
-    def _try_seal(self, r):
-        return False
-
-
-class PlansOnly(NumpyTick):
-    def rounds_phase(self):
-        raise Wait("round", "away")
-
-
 def test_ten_sites_race_to_seal_one_round(tmp_path):
     """(Racing create-only writes on the S3 server: tests/test_storage.py.)"""
     fed = factory.make(tmp_path, n=10, rounds=1)
-    for s in fed.sites * 2:
-        fed.run(s, NoSeal)  # plans agreed, round 0 sealed, every site committed round 1; no seal
+    for s in fed.sites * 4:
+        fed.run(s, stop_after="upload")  # plans agreed, round 0 sealed, every site committed round 1
     ticks = [fed.tick(s) for s in fed.sites]
     start = threading.Barrier(len(ticks))
 
     def race(tick):
         start.wait()
-        tick._try_seal(1)
+        tick.run()
 
     threads = [threading.Thread(target=race, args=(t,)) for t in ticks]
     for t in threads:
@@ -319,12 +356,13 @@ def test_clocks_skewed_by_minutes_still_seal(tmp_path, monkeypatch):
     clock = {"t": now, "site": "site0"}
     monkeypatch.setattr(time, "time", lambda: clock["t"] + skew[clock["site"]])
 
-    def run(site, cls=NumpyTick):
+    def run(site, **options):
         clock["site"] = site
-        return fed.run(site, cls)
+        return fed.run(site, **options)
 
-    for s in fed.sites:
-        run(s, PlansOnly)
+    for _ in range(3):
+        for s in fed.sites:
+            run(s, stop_after="plan")
     run("site0")  # round 0 sealed by site0's fast clock: round 1 opens at now + 300
     assert run("site1").message.startswith("round 1/1: waiting for site2")
     clock["t"] = now + 3600  # site0's clock: one hour after it opened round 1

@@ -20,10 +20,8 @@ import pytest
 from typer.testing import CliRunner
 
 import factory
-from factory import NumpyTick
 from p2pfed import federation, layout, node, objects, storage
 from p2pfed.cli.app import app
-from p2pfed.tick import Wait
 from test_membership import cli, site_args
 
 LINE = re.compile(r"^p2pfed: error: .+ \(hint: .+\)$")
@@ -52,11 +50,6 @@ def broken_dataset(damage):
     return prepare
 
 
-class Planned(NumpyTick):
-    def rounds_phase(self):
-        raise Wait("round", "stopped before training")
-
-
 def tick(setup=lambda fed, mp: None, site="site0", n=1, **settings):
     """`p2pfed round` of a one-site asym federation from tests/factory.py, after
     setup(fed, mp). (Asym: a real FFE tick would compute a fingerprint with nnU-Net.)"""
@@ -68,7 +61,7 @@ def tick(setup=lambda fed, mp: None, site="site0", n=1, **settings):
 
 
 def at_round_1(fed, mp):
-    fed.run("site0", Planned)  # planned: the next real tick trains round 1
+    fed.run("site0", stop_after="plan")  # planned: the next real tick trains round 1
 
 
 def site_file(name, data):

@@ -56,7 +56,7 @@ def federation(tmp_path_factory, s3_endpoint):
         planned = set()
         for _ in range(4):  # ticks, round-robin, until every site has planned and agreed
             for site in SITES:
-                if sim.tick(site, "--until", "plan")["message"].startswith("planned"):
+                if sim.tick(site, "--until", "plan")["message"].startswith("stopped after plan"):
                     planned.add(site)
             if planned == set(SITES):
                 break

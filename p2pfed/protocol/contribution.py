@@ -1,0 +1,166 @@
+"""A member's contribution to a round, read and checked before it is merged.
+
+Everything a member writes is validly signed, and still untrusted: a commit, its
+metadata and its shards are checked field by field, and whatever is unusable raises
+`ContributionRejected` naming the site, so every site excludes the same
+contributions. Tampering by the storage (bytes that do not match what a seal or
+commit lists) raises `IntegrityError`, naming the object."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+
+from .. import crypto, layout
+from ..errors import ContributionRejected, IntegrityError
+from ..objects import read_envelope
+from .view import View
+
+MAX_CASES = 10_000_000  # "absurd case counts" are refused beyond this
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class Ref:
+    key: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Commit:
+    base: str | None
+    shards: tuple[Ref, ...]
+    meta: Ref
+
+
+def parse_commit(site: str, r: int, body: dict) -> Commit:
+    """The well-formed commit of `site` for round r, or ContributionRejected."""
+    def ref(obj) -> Ref:
+        if not isinstance(obj, dict) or not isinstance(obj.get("key"), str) \
+                or not isinstance(obj.get("sha256"), str) or not _SHA.match(obj["sha256"]):
+            raise ContributionRejected(f"site {site!r}: round {r} commit lists a malformed reference {obj!r:.80}")
+        return Ref(obj["key"], obj["sha256"])
+
+    shards, base = body.get("shards"), body.get("base")
+    if not isinstance(shards, list) or not shards:
+        raise ContributionRejected(f"site {site!r}: round {r} commit has no list of shards")
+    if base is not None and not isinstance(base, str):
+        raise ContributionRejected(f"site {site!r}: round {r} commit names a malformed base model")
+    commit = Commit(base, tuple(ref(s) for s in shards), ref(body.get("meta")))
+    if commit.meta.key != layout.meta(r, site):
+        raise ContributionRejected(f"site {site!r}: round {r} commit lists metadata at {commit.meta.key}")
+    for s in commit.shards:
+        if layout.round_of(s.key) != r or layout.kind_of(s.key) != ("shard", True, site):
+            raise ContributionRejected(f"site {site!r}: round {r} commit lists a shard elsewhere ({s.key})")
+    return commit
+
+
+@dataclass(frozen=True)
+class Contribution:
+    site: str
+    cases: int
+    commit: Commit
+    metrics: dict
+
+
+def read_contribution(view: View, me, r: int, site: str, commit_sha: str, expected_base: str | None) -> Contribution:
+    """Commit (as the seal lists it) and metadata of `site` for round r, checked."""
+    key = layout.commit(r, site)
+    commits = view.commits(r)
+    if site not in commits:
+        view.get(key, f"round {r}'s seal")  # raises: listed but missing
+    sha, body = commits[site]
+    if sha != commit_sha:
+        raise IntegrityError(f"{key}: not the commit the seal lists")
+    commit = parse_commit(site, r, body)
+    meta_blob = view.get(commit.meta.key, key)
+    if crypto.sha256_hex(meta_blob) != commit.meta.sha256:
+        raise IntegrityError(f"{commit.meta.key}: not the metadata the commit lists")
+    try:
+        meta = json.loads(read_envelope(view.fed, commit.meta.key, "meta", me, author=site,
+                                        blob=meta_blob, round=r)[1])
+    except ValueError:
+        raise ContributionRejected(f"site {site!r}: round {r} metadata is not JSON") from None
+    if not isinstance(meta, dict):
+        raise ContributionRejected(f"site {site!r}: round {r} metadata is not an object")
+    cases = meta.get("cases")
+    if type(cases) is not int or not 1 <= cases <= MAX_CASES:
+        raise ContributionRejected(f"site {site!r}: absurd case count {cases!r} in round {r}")
+    if meta.get("base") != commit.base or meta.get("round") != r:
+        raise ContributionRejected(f"site {site!r}: round {r} metadata disagrees with its commit")
+    if expected_base is not None and commit.base != expected_base:
+        raise ContributionRejected(f"site {site!r}: round {r} contribution is built on another base model")
+    metrics = meta.get("metrics")
+    return Contribution(site, cases, commit, metrics if isinstance(metrics, dict) else {})
+
+
+def read_shard_plain(view: View, me, r: int, site: str, ref: Ref) -> bytes:
+    """A listed shard, checked against its commit and its (signed) name, decrypted."""
+    blob = view.get(ref.key, layout.commit(r, site))
+    if crypto.sha256_hex(blob) != ref.sha256:
+        raise IntegrityError(f"{ref.key}: not the shard the commit lists")
+    plain = read_envelope(view.fed, ref.key, "shard", me, author=site, blob=blob, round=r)[1]
+    if ref.key.rsplit("/", 1)[1] != crypto.sha256_hex(plain) + ".shard":  # signed so by its author
+        raise ContributionRejected(f"site {site!r}: {ref.key} holds content that does not match its name")
+    return plain
+
+
+class InputCheck:
+    """Merge input checks against the base model (FFE: the merge of the previous round,
+    which every contribution was trained from): the same tensors with the same shapes,
+    and, with `max_update_norm`, an L2 distance to the base of at most that many times
+    the base's norm. Fed each shard as the merge reads it. Each tensor's sum of squares
+    is a float64 numpy sum, the total an exact math.fsum: every site reaches the same
+    verdict, hence excludes the same contributions."""
+
+    def __init__(self, base, bound: float | None):
+        from ..merge import canonical_layers
+
+        self.base = canonical_layers(base, "the base model") if base is not None else None
+        self.bound = bound
+        if self.base is not None:
+            self.base_norm = math.sqrt(math.fsum(_sum_sq(layer.array) for layer in self.base.values()))
+        self.start()
+
+    def start(self) -> None:
+        self.keys: dict[str, set] = {}
+        self.dist: dict[str, list[float]] = {}
+
+    def add(self, site: str, index: int, blob: bytes) -> None:
+        if self.base is None:
+            return
+        from ..shards import read_shard
+
+        for skey, layer in read_shard(blob, f"site {site!r} shard {index}"):
+            want = self.base.get(skey)
+            if want is None or want.array.shape != layer.array.shape:
+                raise ContributionRejected(
+                    f"site {site!r}: tensor {layer.names[0]!r} has shape {list(layer.array.shape)}, the agreed "
+                    f"model {'has no such tensor' if want is None else list(want.array.shape)}")
+            self.keys.setdefault(site, set()).add(skey)
+            if self.bound is not None:
+                self.dist.setdefault(site, []).append(_sum_sq(layer.array, want.array))
+
+    def finish(self, sites) -> None:
+        if self.base is None:
+            return
+        for site in sorted(sites):
+            missing = sorted(set(self.base) - self.keys.get(site, set()))
+            if missing:
+                raise ContributionRejected(f"site {site!r}: lacks {len(missing)} tensor(s) of the agreed model, "
+                                           f"e.g. {missing[0]!r}")
+            if self.bound is not None:
+                norm = math.sqrt(math.fsum(self.dist[site]))
+                if not norm <= self.bound * self.base_norm:  # NaN fails too
+                    raise ContributionRejected(
+                        f"site {site!r}: update norm {norm:.6g} exceeds max_update_norm {self.bound:g} "
+                        f"x the merged model's norm {self.base_norm:.6g}")
+
+
+def _sum_sq(a, b=None) -> float:
+    import numpy as np
+
+    d = a.astype(np.float64) if b is None else a.astype(np.float64) - b
+    with np.errstate(invalid="ignore", over="ignore"):
+        return float(np.square(d).sum())

@@ -1,0 +1,11 @@
+"""The phases of a tick, in order. Each module has NAME and `advance(tick)`: it reads
+the tick's view, and returns None when the phase is done, raises `Wait` when it must
+wait for other sites, or does one piece of work and returns what it did ("" when the
+work is not worth reporting). The driver (p2pfed/protocol/tick.py) calls it again
+until it is done or waits."""
+from . import start, fingerprint, plan, initial_model, rounds, final
+
+PHASES = (start, fingerprint, plan, initial_model, rounds, final)
+
+# Every name a tick can be told to stop after (`Tick(stop_after=...)`, `p2pfed round --until`).
+STEPS = ("start", "fingerprint", "plan", "initial model", *rounds.STEPS, "final")

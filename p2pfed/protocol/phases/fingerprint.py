@@ -1,0 +1,51 @@
+"""Fingerprint (FFE only): publish this site's summary, then, once every participant's
+summary is in, its histograms over the federation-wide intensity range (docs/design.md
+section 6). Asym mode shares no statistics: the phase has nothing to do."""
+from __future__ import annotations
+
+import json
+
+from ... import crypto, ffe, layout
+from ...dataset import dataset_json
+from ...objects import read_envelope
+from ..wait import Wait
+
+NAME = "fingerprint"
+
+
+def advance(t) -> str | None:
+    if not t.mode.shares_statistics or t.state.get("plan_sha256"):
+        return None
+    v, me = t.view, t.site
+    if not v.has(layout.summary(me)):
+        from ...node import check_schema
+
+        check_schema(t.fed, me, ffe.dataset_info(dataset_json(t.config.nnunet_raw, t.config.dataset)))
+        t.write.envelope(layout.summary(me), "summary", crypto.canonical_json(t.trainer.summary()))
+        return "published fingerprint summary"
+    _all_there(t, layout.summary, "fingerprint summaries")
+    if not v.has(layout.histogram(me)):
+        summaries = payloads(t, layout.summary, "summary")
+        ffe.merge_dataset_info({s: summaries[s]["dataset"] for s in summaries})  # names site and field
+        hist = t.trainer.histograms(ffe.global_ranges(summaries))
+        t.write.envelope(layout.histogram(me), "histogram", crypto.canonical_json(hist))
+        return "published histograms"
+    _all_there(t, layout.histogram, "histograms")
+    return None
+
+
+def _all_there(t, key_of, what: str) -> None:
+    missing = [s for s in t.view.participants if not t.view.has(key_of(s))]
+    if missing:
+        raise Wait("fingerprint", f"waiting for {what}", missing)
+
+
+def payloads(t, key_of, kind: str) -> dict[str, dict]:
+    """Every participant's decrypted payload of `kind` (summaries, histograms, plans)."""
+    return {s: json.loads(read_envelope(t.fed, key_of(s), kind, t.me, author=s, blob=t.view.get(key_of(s)))[1])
+            for s in t.view.participants}
+
+
+def federated_fingerprint(t) -> dict:
+    """The pooled nnU-Net fingerprint from every participant's summary and histograms."""
+    return ffe.merge_fingerprint(payloads(t, layout.summary, "summary"), payloads(t, layout.histogram, "histogram"))

@@ -1,0 +1,191 @@
+"""The merge step: turn a sealed round into this site's next model (docs/design.md 7.3).
+
+Fetch and check every contribution the seal lists, exclude the unusable ones
+deterministically (every site excludes the same), stream the merge, keep this site's
+merged shards in its home, publish the hash of the whole result and compare it with
+every other participant's, now and on later ticks until all have published.
+Only numpy and safetensors are needed: no torch, no nnU-Net."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ... import crypto, layout
+from ...errors import ContributionRejected, FederationHalted, SetupError
+from ...faults import crash_point
+from ...objects import read_record
+from ...shards import model_hash
+from ...site import atomic_write
+from ..contribution import Contribution, InputCheck, read_contribution, read_shard_plain
+
+
+def folder(t, r: int) -> Path:
+    return t.home.work("merged", f"{r:05d}")
+
+
+def _record(t, r: int) -> dict | None:
+    done = folder(t, r) / "merged.json"
+    return json.loads(done.read_text()) if done.exists() else None
+
+
+def merged_model(t, r: int) -> str | None:
+    """The hash of this site's merged model of round r (None if not merged yet)."""
+    record = _record(t, r)
+    return record["own"] if record else None
+
+
+def merged_weights(t, r: int):
+    """(weights, model hash) of this site's merge of round r, from its home."""
+    from ...shards import from_shards
+
+    record = _record(t, r)
+    if record is None:
+        raise SetupError(f"round {r} is not merged on this site yet", "run the tick again")
+    blobs = [p.read_bytes() for p in sorted(folder(t, r).glob("*.safetensors"))]
+    return from_shards(blobs, site=t.site), record["own"]
+
+
+def next_unmerged(t, current: int) -> int | None:
+    """The oldest sealed round (before `current`) that this site has not merged."""
+    r = t.state.get("merged_upto", t.mode.first_round - 1) + 1
+    while r < current and r <= t.s.rounds:
+        if _record(t, r) is None or (r > 0 and not t.view.has(layout.merged(r, t.site))):
+            return r
+        t.save(merged_upto=r)
+        r += 1
+    return None
+
+
+def merge_round(t, r: int) -> str:
+    """Merge sealed round r (unless an earlier tick did), publish the result, compare."""
+    if _record(t, r) is None:
+        _compute(t, r)
+    if r == 0:
+        return "adopted the initial model"
+    record = _record(t, r)
+    t.write.record(layout.merged(r, t.site), "merged", {k: record[k] for k in ("round", "result", "per_site",
+                                                                             "excluded")})
+    t.save(unconfirmed={**t.state.get("unconfirmed", {}), str(r): [t.site]})
+    confirm(t)
+    return f"merged round {r}"
+
+
+def _compute(t, r: int) -> None:
+    seal = t.view.seal(r)
+    if seal is None:
+        raise SetupError(f"round {r} is not sealed yet", "run the tick again")
+    out = folder(t, r)
+    previous = _record(t, r - 1) if r - 1 >= t.mode.first_round else None
+    base = merged_weights(t, r - 1)[0] if t.mode.checks_against_base(r) else None
+    check = InputCheck(base, t.s.max_update_norm)
+    contributions, excluded = {}, {}
+    for site in sorted(seal["contributions"]):
+        try:
+            expected = t.mode.expected_base(r, site, previous["per_site"] if previous else None)
+            contributions[site] = read_contribution(t.view, t.me, r, site, seal["contributions"][site], expected)
+        except ContributionRejected as exc:
+            excluded[site] = exc.message
+
+    def load(site: str, i: int) -> bytes:
+        blob = read_shard_plain(t.view, t.me, r, site, contributions[site].commit.shards[i])
+        check.add(site, i, blob)
+        return blob
+
+    while True:  # a contribution found unusable while streaming is excluded, and the merge rerun
+        if not contributions:
+            raise FederationHalted(f"round {r}: every contribution was rejected ({excluded})")
+        target = t.mode.kept_model(t.site, contributions)
+        for old in out.glob("*"):
+            old.unlink()
+        check.start()
+        t.say(f"merging round {r} ({', '.join(sorted(contributions))})")
+        try:
+            hashes = _stream(t, contributions, load, sink=_keep(out, target))
+            check.finish(contributions)
+            break
+        except ContributionRejected as exc:  # every merge error names the site first
+            site = next((s for s in contributions if exc.message.startswith(f"site {s!r}")), None)
+            if site is None:
+                raise
+            excluded[site] = exc.message
+            del contributions[site]
+    per_site = {s: model_hash(h) for s, h in sorted(hashes.items())}
+    if target is None:  # asym, missed round: adopt the shared layers into our own last model
+        _adopt(t, out, contributions, load)
+        own = model_hash([crypto.sha256_hex(p.read_bytes()) for p in sorted(out.glob("*.safetensors"))])
+    else:
+        own = per_site[target]
+    record = {"round": r, "result": crypto.hash_json(per_site), "per_site": per_site, "own": own,
+              "excluded": excluded}
+    atomic_write(out / "merged.json", json.dumps(record).encode())  # last: marks the merge complete
+
+
+def _keep(out: Path, target: str | None):
+    def sink(site: str, i: int, blob: bytes) -> None:
+        if site == target:
+            atomic_write(out / f"{i:05d}.safetensors", blob)
+            crash_point("merge")
+    return sink
+
+
+def _stream(t, contributions: dict[str, Contribution], load, sink=None) -> dict[str, list[str]]:
+    from ...shards import stream_merge
+
+    weights = {s: c.cases for s, c in contributions.items()} if t.s.weighting == "cases" else None
+    counts = {s: len(c.commit.shards) for s, c in contributions.items()}
+    return stream_merge(load, counts, weights=weights, layers=t.s.layers, sink=sink)
+
+
+def confirm(t) -> None:
+    """Compare this site's merge results with the other participants' records that
+    appeared since the last tick; halt on any difference. A round leaves the list once
+    every participant's record has been checked."""
+    pending = t.state.get("unconfirmed", {})
+    if not pending:
+        return
+    for rs, checked in sorted(pending.items()):
+        r, result = int(rs), _record(t, int(rs))["result"]
+        for site in t.view.participants:
+            if site in checked or not t.view.has(layout.merged(r, site)):
+                continue
+            other = read_record(t.fed, layout.merged(r, site), "merged", site, data=t.view.get(layout.merged(r, site)))
+            if other.get("result") != result:
+                raise FederationHalted(f"round {r}: the merge computed by {site} differs from {t.site}'s",
+                                       "compare p2pfed versions of the two sites; no round after it is trusted")
+            checked = [*checked, site]
+        pending = {**pending, rs: checked}
+        if set(checked) >= set(t.view.participants):
+            del pending[rs]
+    if pending != t.state.get("unconfirmed"):
+        t.save(unconfirmed=pending)
+
+
+def _adopt(t, out: Path, contributions: dict, load) -> None:
+    """Asym catch-up: our last local model, with every layer that a contributor shares
+    (same structural key and shape) taken from that contributor's merged model."""
+    from ...merge import canonical_layers
+    from ...shards import from_shards, to_shards
+
+    own = _last_local_weights(t)
+    merged_by_site: dict[str, list[bytes]] = {s: [] for s in contributions}
+    _stream(t, contributions, load, sink=lambda s, i, b: merged_by_site[s].append(b))
+    shared = {}
+    for s in sorted(merged_by_site):
+        for skey, layer in canonical_layers(from_shards(merged_by_site[s], site=s), s).items():
+            shared.setdefault(skey, layer.array)
+    result = dict(own)
+    for skey, layer in canonical_layers(own, t.site).items():
+        if skey in shared and shared[skey].shape == layer.array.shape:
+            for name in layer.names:
+                result[name] = shared[skey]
+    for i, blob in enumerate(to_shards(result, site=t.site)):
+        atomic_write(out / f"{i:05d}.safetensors", blob)
+
+
+def _last_local_weights(t):
+    from ...shards import from_shards
+
+    rounds = sorted(t.home.work("rounds").glob("*/meta.json"))
+    if not rounds:
+        return t.trainer.initial_weights()
+    return from_shards([p.read_bytes() for p in sorted(rounds[-1].parent.glob("*.safetensors"))], site=t.site)

@@ -1,0 +1,45 @@
+"""Plan: nnU-Net plans and preprocesses (from the federated fingerprint in FFE, from
+the site's own in asym), the site publishes its plan and then its plan hash; in FFE
+every participant's hash must agree, or the federation halts naming the fields."""
+from __future__ import annotations
+
+from ... import crypto, ffe, layout
+from ...errors import FederationHalted
+from ...objects import read_record
+from ..wait import Wait
+from .fingerprint import federated_fingerprint, payloads
+
+NAME = "plan"
+
+
+def advance(t) -> str | None:
+    v, me = t.view, t.site
+    if t.state.get("plan_sha256") is None:
+        plans = t.trainer.plan(federated_fingerprint(t) if t.mode.shares_statistics else None)
+        summary = ffe.plan_summary(plans)
+        t.write.envelope(layout.plan(me), "plan", crypto.canonical_json(summary))
+        t.save(plan_sha256=crypto.hash_json(summary))
+        return "planned and preprocessed"
+    if not v.has(layout.plan_hash(me)):
+        t.write.record(layout.plan_hash(me), "plan-hash", {"plan_sha256": t.state["plan_sha256"]})
+        return "published plan hash"
+    if t.mode.plans_must_agree and not t.state.get("plans_agreed"):
+        _check_agreement(t)
+        t.save(plans_agreed=True)
+    return None
+
+
+def _check_agreement(t) -> None:
+    v = t.view
+    missing = [s for s in v.participants if not v.has(layout.plan_hash(s))]
+    if missing:
+        raise Wait("plan", "waiting for the other sites' plans", missing)
+    hashes = {s: read_record(t.fed, layout.plan_hash(s), "plan-hash", s, data=v.get(layout.plan_hash(s)))
+              .get("plan_sha256") for s in v.participants}
+    if len(set(hashes.values())) > 1:
+        plans = payloads(t, layout.plan, "plan")
+        for s in v.participants:
+            if hashes[s] != hashes[t.site]:
+                fields = ffe.plan_diff(plans[t.site], plans[s])
+                raise FederationHalted(f"plans of {t.site} and {s} differ in: {', '.join(fields[:6]) or 'hash only'}",
+                                       "all sites must run the same p2pfed and nnunetv2 versions on the same fingerprint")

@@ -1,0 +1,148 @@
+"""Rounds 1..R. Each round r is the first round without a seal, in four named steps:
+
+- merge:  merge every sealed round this site has not merged yet, oldest first
+          (p2pfed/protocol/phases/merge.py); the merge of r-1 is round r's base;
+- train:  train round r locally from that base and cache the result in the site home;
+- upload: shards, then metadata, then the commit, written last;
+- seal:   once every participant committed, or the quorum did and the deadline
+          passed, seal the round create-only; everyone adopts the seal that won.
+
+A site that was away jumps to the first unsealed round after merging what it missed."""
+from __future__ import annotations
+
+import json
+import time
+
+from ... import crypto, layout
+from ...errors import ContributionRejected
+from ...faults import crash_point
+from ...site import atomic_write
+from ..contribution import parse_commit
+from ..wait import Wait
+from . import merge
+
+NAME = "rounds"
+STEPS = ("merge", "train", "upload", "seal")
+
+
+def advance(t) -> str | None:
+    v = t.view
+    r = v.current_round()
+    if r != t.state.get("round"):
+        t.save(round=r)
+    t.report.round = min(r, t.s.rounds)
+    m = merge.next_unmerged(t, r)
+    if m is not None:
+        t.enter("merge")
+        return merge.merge_round(t, m)
+    merge.confirm(t)
+    if r > t.s.rounds:
+        return None
+    if t.site not in v.committed(r):
+        cached = cached_training(t, r)
+        if cached is None:
+            t.enter("train")
+            return train(t, r)
+        t.enter("upload")
+        v.refresh(layout.seal(r))  # training takes a while: the round may have been sealed meanwhile
+        if v.seal(r) is not None:
+            return f"round {r} was sealed without this site; catching up"
+        upload(t, r, *cached)
+        return f"committed round {r}"
+    t.enter("seal")
+    return seal(t, r)
+
+
+# --------------------------------------------------------------------------- train
+def base_model(t, r: int) -> tuple[dict | None, str | None]:
+    """(weights, model hash) that round r starts from: the merge of round r-1."""
+    if r - 1 < t.mode.first_round:
+        return None, None
+    return merge.merged_weights(t, r - 1)
+
+
+def _cache(t, r: int):
+    return t.home.work("rounds", f"{r:05d}")
+
+
+def cached_training(t, r: int) -> tuple[dict, dict, str | None] | None:
+    """(weights, meta, base) of round r trained by an earlier tick from today's base."""
+    folder = _cache(t, r)
+    meta_file = folder / "meta.json"
+    if not meta_file.exists():
+        return None
+    meta = json.loads(meta_file.read_text())
+    base = merge.merged_model(t, r - 1) if r - 1 >= t.mode.first_round else None
+    if meta.get("base") != base:
+        return None
+    from ...shards import from_shards
+
+    weights = from_shards([p.read_bytes() for p in sorted(folder.glob("*.safetensors"))], site=t.site)
+    return weights, meta, base
+
+
+def train(t, r: int) -> str:
+    from ...shards import to_shards
+
+    base_weights, base = base_model(t, r)
+    result = t.trainer.train(r, base_weights)
+    meta = {"round": r, "base": base, "cases": result.cases, "epoch": result.epoch, "metrics": result.metrics}
+    folder = _cache(t, r)
+    for old in folder.glob("*"):
+        old.unlink()
+    for i, blob in enumerate(to_shards(result.weights, site=t.site)):
+        atomic_write(folder / f"{i:05d}.safetensors", blob)
+    atomic_write(folder / "meta.json", json.dumps(meta).encode())  # last: marks the cache complete
+    return f"trained round {r}"
+
+
+# --------------------------------------------------------------------------- upload
+def upload(t, r: int, weights, meta: dict, base: str | None) -> None:
+    """Shards, then meta, then the commit: a commit is only ever written last."""
+    from ...shards import to_shards
+
+    blobs, refs = to_shards(weights, site=t.site), []
+    for i, blob in enumerate(blobs):
+        key = layout.shard(r, t.site, crypto.sha256_hex(blob))
+        refs.append({"key": key, "sha256": t.write.envelope(key, "shard", blob, round=r)})
+        crash_point("upload")
+        if t.progress:
+            t.progress("upload", i + 1, len(blobs))
+    meta = {**meta, "round": r, "base": base}
+    meta_ref = {"key": layout.meta(r, t.site),
+                "sha256": t.write.envelope(layout.meta(r, t.site), "meta", crypto.canonical_json(meta), round=r)}
+    crash_point("commit")
+    t.write.record(layout.commit(r, t.site), "commit", {"round": r, "base": base, "shards": refs, "meta": meta_ref})
+
+
+# --------------------------------------------------------------------------- seal
+def sealable(t, r: int) -> tuple[dict[str, str], list[str]]:
+    """(site -> commit sha256 of round r's well-formed commits, why the others are not
+    counted): a malformed commit is never sealed, and its site is named while waiting."""
+    found, malformed = {}, []
+    for site, (sha, body) in t.view.commits(r).items():
+        try:
+            parse_commit(site, r, body)
+            found[site] = sha
+        except ContributionRejected as exc:
+            malformed.append(exc.message)
+    return found, malformed
+
+
+def seal(t, r: int) -> str:
+    v, parts = t.view, t.view.participants
+    opened, now = v.opened_at(r), int(time.time())
+    deadline = opened + t.s.deadline_s
+    listed, malformed = v.committed(r), []
+    if len(listed) == len(parts) or (len(listed) >= t.s.effective_quorum and now >= deadline):
+        commits, malformed = sealable(t, r)
+        reason = "all" if len(commits) == len(parts) else "deadline"
+        if reason == "all" or (len(commits) >= t.s.effective_quorum and now >= deadline):
+            body = {"round": r, "contributions": commits, "reason": reason, "opened_at": opened, "sealed_at": now}
+            crash_point("seal")
+            return f"sealed {layout.seal(r)}" if t.write.claim(layout.seal(r), "seal", body) else ""
+    missing = [s for s in parts if s not in listed]
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(deadline))
+    waiting = ", ".join(missing + malformed)
+    raise Wait("round", f"round {r}/{t.s.rounds}: waiting for {waiting} "
+                        f"(quorum {t.s.effective_quorum} may seal after {when})", missing + malformed, deadline, rnd=r)

@@ -1,0 +1,33 @@
+"""Start: once the federation has `--sites` members, the first site to see them seals
+the participant list (fingerprints/SEAL.json); every site adopts the seal that won and
+keeps the participants in its home: later ticks never read the start seal again."""
+from __future__ import annotations
+
+import time
+
+from ... import layout
+from ...errors import SetupError
+from ..wait import Wait
+
+NAME = "start"
+
+
+def advance(t) -> str | None:
+    seal = t.view.start_seal()
+    if seal is None:
+        members = sorted(t.fed.members)
+        if len(members) < t.s.sites:
+            more = t.s.sites - len(members)
+            raise Wait("joining", f"waiting for sites to join: {len(members)}/{t.s.sites} members",
+                       [f"{more} more site(s) to join"] + [f"{p} (pending admission)" for p in sorted(t.fed.pending)])
+        won = t.write.claim(layout.FINGERPRINT_SEAL, "fingerprint-seal",
+                            {"participants": members, "sealed_at": int(time.time())})
+        return f"sealed {layout.FINGERPRINT_SEAL}" if won else ""
+    parts = seal["participants"]
+    if t.site not in parts:
+        raise SetupError(f"site {t.site!r} joined after the federation started (participants: {', '.join(parts)})",
+                         "it cannot take part in this federation; start a new one to include it")
+    if "participants" not in t.state:
+        t.trainer.check_ready()  # before this site shares anything: its data must be usable
+        t.save(participants=parts, started_at=seal["sealed_at"])
+    return None

@@ -1,0 +1,104 @@
+"""`p2pfed round --site NAME`: one idempotent tick of a site (docs/design.md 7.2).
+
+A tick runs the phases of p2pfed/protocol/phases in order. Each phase looks at the
+tick's `View` of the federation and either is done, waits for other sites (the tick
+ends, exit 0), or does one piece of work; it is then asked again. Every piece of work
+checks for its own output first, so a tick killed anywhere is simply run again.
+Waiting paths touch neither torch nor nnU-Net: an idle tick costs a few storage reads."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..federation import Federation, check_versions
+from ..site import SiteConfig, SiteHome
+from .phases import PHASES, STEPS
+from .trainer import LocalTrainer
+from .view import View
+from .wait import Wait
+from .writer import Writer
+
+MAX_STEPS = 100_000  # rounds x steps of a long federation fit; an endless loop does not
+
+
+@dataclass
+class Report:
+    """What a tick did and what it waits for (the `--json` document of `p2pfed round`)."""
+
+    site: str
+    phase: str = ""
+    round: int | None = None
+    actions: list[str] = field(default_factory=list)
+    waiting_for: list[str] = field(default_factory=list)
+    deadline: int | None = None
+    message: str = ""
+    finished: bool = False
+
+    def to_json(self) -> dict:
+        return {"site": self.site, "phase": self.phase, "round": self.round, "actions": self.actions,
+                "action": self.actions[-1] if self.actions else "wait" if not self.finished else "none",
+                "waiting_for": self.waiting_for, "deadline": self.deadline, "message": self.message,
+                "finished": self.finished}
+
+
+class Tick:
+    """One tick of one site. `trainer`: the LocalTrainer (default: nnU-Net);
+    `stop_after`: a name from STEPS to stop after (e.g. "plan": prepare, do not train)."""
+
+    def __init__(self, home: SiteHome, config: SiteConfig, fed: Federation, trainer: LocalTrainer | None = None,
+                 say: Callable[[str], None] = lambda s: None, progress=None, stop_after: str | None = None):
+        if stop_after is not None and stop_after not in STEPS:
+            raise ValueError(f"stop_after must be one of {STEPS}")
+        self.home, self.config, self.fed, self.s = home, config, fed, fed.settings
+        self.site, self.me = config.site, home.identity()
+        self.say, self.progress, self.stop_after = say, progress, stop_after
+        self.state = home.state()
+        self.view = View(fed, home, self.state)
+        self.mode = self.view.mode
+        self.write = Writer(self.view, self.me)
+        if trainer is None:
+            from ..nnunet.trainer import NnunetTrainer
+
+            trainer = NnunetTrainer(config, fed.settings, say, progress)
+        self.trainer = trainer
+        self.report = Report(config.site)
+
+    def run(self) -> Report:
+        if self.site not in self.fed.members:
+            self.report.phase = "joining"
+            self.report.message = f"waiting for a member to admit {self.site!r} (p2pfed admit {self.site} ...)"
+            self.report.waiting_for = sorted(self.fed.members)
+            return self.report
+        if not self.state.get("finished"):
+            check_versions(self.fed)  # before this site shares or merges anything
+            try:
+                for phase in PHASES:
+                    self.enter(getattr(phase, "STEPS", (phase.NAME,))[0])
+                    self.report.phase = phase.NAME
+                    for _ in range(MAX_STEPS):
+                        action = phase.advance(self)
+                        if action is None:
+                            break
+                        if action:
+                            self.report.actions.append(action)
+                            self.say(action)
+                    else:  # a phase must finish or wait; looping on means a bug, not a slow tick
+                        raise RuntimeError(f"phase {phase.NAME!r} made no progress in {MAX_STEPS} steps")
+            except Wait as w:
+                self.report.phase, self.report.message = w.phase, w.message
+                self.report.waiting_for, self.report.deadline = w.waiting_for, w.deadline
+                self.report.round = w.round if w.round is not None else self.report.round
+                return self.report
+        self.report.phase, self.report.finished, self.report.round = "done", True, self.s.rounds
+        self.report.message = "federation finished; the final model is in " + \
+            str(self.state.get("results_folder", "nnUNet_results"))
+        return self.report
+
+    def enter(self, step: str) -> None:
+        """Called before each phase and each step of a round: honours `stop_after`."""
+        if self.stop_after is not None and STEPS.index(step) > STEPS.index(self.stop_after):
+            raise Wait(self.stop_after, f"stopped after {self.stop_after}, as asked (--until {self.stop_after})")
+
+    def save(self, **changes) -> None:
+        self.state.update(changes)
+        self.home.save_state(self.state)
