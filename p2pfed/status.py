@@ -14,6 +14,8 @@ from .crypto import Identity
 from .errors import P2PFedError, UsageError
 from .federation import Federation
 from .objects import read_envelope, read_record
+from .protocol import View
+from .protocol.phases import where
 from .storage import open_storage
 
 STATUS_FORMAT = "p2pfed-status/1"
@@ -34,8 +36,10 @@ def document(home: str | None, site: str | None, storage: str | None, endpoint: 
     return build(fed, reader, local)
 
 
-def build(fed: Federation, reader: Identity | None, local: dict | None = None) -> dict:
-    keys = fed.storage.list_prefix("")
+def build(fed: Federation, reader: Identity | None, local: dict | None = None, view: View | None = None) -> dict:
+    """The status document, read through the same per-tick View the phases use."""
+    view = view or View(fed)
+    keys = view.keys("")
     doc = {
         "format": STATUS_FORMAT,
         "storage": fed.storage.url,
@@ -44,33 +48,29 @@ def build(fed: Federation, reader: Identity | None, local: dict | None = None) -
         "members": [{"site": s, "fingerprint": i.fingerprint(), "admitted_by": fed.admitted_by.get(s)}
                     for s, i in sorted(fed.members.items())],
         "pending": [{"site": s, "fingerprint": i.fingerprint()} for s, i in sorted(fed.pending.items())],
-        "participants": [],
+        "participants": view.participants,
         "rounds": [],
         "final": {},
         "viewer": reader.site if reader else None,
     }
-    if layout.FINGERPRINT_SEAL in keys:
-        doc["participants"] = read_record(fed, layout.FINGERPRINT_SEAL, "fingerprint-seal")["participants"]
-    doc["plans"] = {k.split("/")[1][:-5]: read_record(fed, k, "plan-hash")["plan_sha256"]
-                    for k in keys if k.startswith("plans/") and k.endswith(".json")}
-    doc["plan_details"] = {s: _plan_details(_decrypt(fed, layout.plan(s), "plan", s, reader), fed.settings.configuration)
+    doc["plans"] = {s: read_record(fed, k, "plan-hash", s, data=view.get(k))["plan_sha256"]
+                    for s, k in sorted(layout.sites_in(keys, "plan-hash").items())}
+    doc["plan_details"] = {s: _plan_details(_decrypt(view, layout.plan(s), "plan", s, reader), fed.settings.configuration)
                            for s in doc["plans"] if reader is not None and layout.plan(s) in keys}
-    doc["rounds"] = _rounds(fed, keys, reader, doc["participants"])
-    for key in keys:
-        if key.startswith("final/"):
-            s = key[len("final/"):-len(".p2pf")]
-            doc["final"][s] = _decrypt(fed, key, "final", s, reader)
-    doc["phase"] = _phase(fed, keys, doc)
+    doc["rounds"] = _rounds(view, keys, reader)
+    for s, key in sorted(layout.sites_in(keys, "final").items()):
+        doc["final"][s] = _decrypt(view, key, "final", s, reader)
+    doc["phase"] = where(view)
     if local:
         doc["local"] = {k: local.get(k) for k in ("round", "results_folder", "final_dice", "finished") if k in local}
     return doc
 
 
-def _decrypt(fed, key, kind, site, reader, **binding):
+def _decrypt(view: View, key, kind, site, reader, **binding):
     if reader is None:
         return None
     try:
-        return json.loads(read_envelope(fed, key, kind, reader, author=site, **binding)[1])
+        return json.loads(read_envelope(view.fed, key, kind, reader, author=site, blob=view.get(key), **binding)[1])
     except P2PFedError as exc:
         return {"error": exc.message}
 
@@ -87,26 +87,19 @@ def _plan_details(plan: dict | None, configuration: str) -> dict | None:
             "network": conf.get("architecture", {}).get("network_class_name", "").rsplit(".", 1)[-1]}
 
 
-def _rounds(fed: Federation, keys: list[str], reader, participants: list[str]) -> list[dict]:
-    by_round: dict[int, list[str]] = {}
-    for key in keys:
-        r = layout.round_of(key)
-        if r is not None:
-            by_round.setdefault(r, []).append(key)
+def _rounds(view: View, keys: set[str], reader) -> list[dict]:
     rounds = []
-    for r in sorted(by_round):
-        present = set(by_round[r])
-        seal = read_record(fed, layout.seal(r), "seal") if layout.seal(r) in present else None
+    for r in sorted({layout.round_of(k) for k in keys} - {None}):
+        seal = view.seal(r)
         entry = {"round": r, "sealed": seal is not None,
                  "seal": {k: seal[k] for k in ("contributions", "reason", "opened_at", "sealed_at", "author")} if seal else None,
                  "sites": {}}
-        merged = {k.rsplit("/", 1)[1][:-5]: read_record(fed, k, "merged")
-                  for k in present if k.startswith(f"{layout.round_dir(r)}/merged/")}
-        for s in participants or sorted(fed.members):
-            committed = layout.commit(r, s) in present
+        merged = view.merge_records(r)
+        for s in view.participants or sorted(view.fed.members):
+            committed = view.has(layout.commit(r, s))
             counted = bool(seal and s in seal["contributions"])
-            meta = _decrypt(fed, layout.meta(r, s), "meta", s, reader, round=r) \
-                if committed and layout.meta(r, s) in present else None
+            meta = _decrypt(view, layout.meta(r, s), "meta", s, reader, round=r) \
+                if committed and view.has(layout.meta(r, s)) else None
             entry["sites"][s] = {
                 "committed": committed, "counted": counted,
                 "missed": bool(seal) and not counted and r > 0,
@@ -120,31 +113,6 @@ def _rounds(fed: Federation, keys: list[str], reader, participants: list[str]) -
         entry["excluded"] = {s: why for m in merged.values() for s, why in m.get("excluded", {}).items()}
         rounds.append(entry)
     return rounds
-
-
-def _phase(fed: Federation, keys: list[str], doc: dict) -> dict:
-    """A short description of where the federation is and whom it waits for."""
-    s, parts = fed.settings, doc["participants"]
-    if not parts:
-        more = max(0, s.sites - len(fed.members))
-        return {"name": "joining", "waiting_for": [f"{more} more site(s)"] if more else ["a first tick"]}
-    if len(doc["final"]) == len(parts):
-        return {"name": "done", "waiting_for": []}
-    if s.mode == "ffe":
-        for kind, fn in (("fingerprint", layout.summary), ("histogram", layout.histogram)):
-            missing = [p for p in parts if fn(p) not in keys]
-            if missing:
-                return {"name": "fingerprint", "step": kind, "waiting_for": missing}
-    missing = [p for p in parts if p not in doc["plans"]]
-    if missing:
-        return {"name": "plan", "waiting_for": missing}
-    sealed = [e["round"] for e in doc["rounds"] if e["sealed"]]
-    current = (max(sealed) + 1) if sealed else (0 if s.mode == "ffe" else 1)
-    if current > s.rounds:
-        return {"name": "final", "waiting_for": [p for p in parts if p not in doc["final"]]}
-    open_entry = next((e for e in doc["rounds"] if e["round"] == current), None)
-    waiting = [p for p in parts if not (open_entry and open_entry["sites"][p]["committed"])]
-    return {"name": "round", "round": current, "waiting_for": waiting}
 
 
 # --------------------------------------------------------------------------- rendering

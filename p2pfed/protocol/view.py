@@ -34,7 +34,10 @@ class View:
     # -- raw access, memoised --------------------------------------------------------------
     def keys(self, prefix: str) -> set[str]:
         if prefix not in self._lists:
-            self._lists[prefix] = set(self.st.list_prefix(prefix))
+            if "" in self._lists:  # the whole tree is listed already (status, verify)
+                self._lists[prefix] = {k for k in self._lists[""] if k.startswith(prefix + "/")}
+            else:
+                self._lists[prefix] = set(self.st.list_prefix(prefix))
         return self._lists[prefix]
 
     def has(self, key: str) -> bool:

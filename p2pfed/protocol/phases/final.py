@@ -22,3 +22,8 @@ def advance(t) -> str | None:
         return "published final metrics"
     t.save(finished=True)
     return None
+
+
+def pending(v) -> dict | None:
+    missing = [s for s in v.participants if not v.has(layout.final_metrics(s))]
+    return {"waiting_for": missing} if missing else None

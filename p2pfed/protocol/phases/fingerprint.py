@@ -49,3 +49,13 @@ def payloads(t, key_of, kind: str) -> dict[str, dict]:
 def federated_fingerprint(t) -> dict:
     """The pooled nnU-Net fingerprint from every participant's summary and histograms."""
     return ffe.merge_fingerprint(payloads(t, layout.summary, "summary"), payloads(t, layout.histogram, "histogram"))
+
+
+def pending(v) -> dict | None:
+    if not v.mode.shares_statistics:
+        return None
+    for step, key_of in (("summary", layout.summary), ("histogram", layout.histogram)):
+        missing = [s for s in v.participants if not v.has(key_of(s))]
+        if missing:
+            return {"step": step, "waiting_for": missing}
+    return None

@@ -26,3 +26,9 @@ def advance(t) -> str | None:
     body = {"round": 0, "contributions": {t.site: v.commits(0)[t.site][0]}, "reason": "initial",
             "opened_at": now, "sealed_at": now}
     return f"sealed {layout.seal(0)}" if t.write.claim(layout.seal(0), "seal", body) else ""
+
+
+def pending(v) -> dict | None:
+    if v.mode.first_round != 0 or v.seal(0) is not None:
+        return None
+    return {"round": 0, "waiting_for": [min(v.participants)]}

@@ -43,3 +43,8 @@ def _check_agreement(t) -> None:
                 fields = ffe.plan_diff(plans[t.site], plans[s])
                 raise FederationHalted(f"plans of {t.site} and {s} differ in: {', '.join(fields[:6]) or 'hash only'}",
                                        "all sites must run the same p2pfed and nnunetv2 versions on the same fingerprint")
+
+
+def pending(v) -> dict | None:
+    missing = [s for s in v.participants if not v.has(layout.plan_hash(s))]
+    return {"waiting_for": missing} if missing else None

@@ -146,3 +146,10 @@ def seal(t, r: int) -> str:
     waiting = ", ".join(missing + malformed)
     raise Wait("round", f"round {r}/{t.s.rounds}: waiting for {waiting} "
                         f"(quorum {t.s.effective_quorum} may seal after {when})", missing + malformed, deadline, rnd=r)
+
+
+def pending(v) -> dict | None:
+    r = v.current_round()
+    if r > v.s.rounds:
+        return None
+    return {"round": r, "waiting_for": [s for s in v.participants if s not in v.committed(r)]}

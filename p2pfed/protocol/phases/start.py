@@ -31,3 +31,11 @@ def advance(t) -> str | None:
         t.trainer.check_ready()  # before this site shares anything: its data must be usable
         t.save(participants=parts, started_at=seal["sealed_at"])
     return None
+
+
+def pending(v) -> dict | None:
+    """Whom the federation waits for in this phase (None: done for everyone)."""
+    if v.start_seal() is not None:
+        return None
+    more = max(0, v.s.sites - len(v.fed.members))
+    return {"name": "joining", "waiting_for": [f"{more} more site(s)"] if more else ["a first tick"]}
