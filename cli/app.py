@@ -460,7 +460,16 @@ def simulate(
     from p2pfed import status as statusmod
 
     statusmod.render_results(doc, out)
-    out.print(f"Inspect it with: p2pfed status --site {simulation.sites[0].name} --home {simulation.home}")
+    out.print("Each site's final model is a standard nnU-Net results folder:", markup=False)
+    for s in simulation.sites:
+        out.print(f"  {s.name}: {s.folders['results']}", markup=False, soft_wrap=True)
+    first = simulation.sites[0]
+    images = first.folders["raw"] / f"Dataset{first.dataset_id:03d}_{first.name}" / "imagesTs"
+    out.print(f"Predict with it (here {first.name}'s):\n  nnUNet_raw={first.folders['raw']} "
+              f"nnUNet_preprocessed={first.folders['preprocessed']} nnUNet_results={first.folders['results']} "
+              f"nnUNetv2_predict -i {images} -o {workdir.absolute() / 'predictions'} -d {first.dataset_id} "
+              f"-c {'2d' if dim == 2 else '3d_fullres'} -f 0 -device cpu", markup=False, soft_wrap=True)
+    out.print(f"Inspect it with: p2pfed status --site {first.name} --home {simulation.home}", markup=False)
 
 
 def main() -> None:

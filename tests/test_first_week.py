@@ -10,9 +10,7 @@ import re
 import stat
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 from rich.console import Console
 from typer.main import get_command
 
