@@ -7,12 +7,14 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import sys
 import time
 import traceback
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 from rich.console import Console
 
@@ -20,10 +22,20 @@ from p2pfed.errors import P2PFedError, UsageError
 from p2pfed.federation import Settings, parse_duration
 from p2pfed.site import home_root
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Serverless federated nnU-Net: FFE and AsymFedAvg over shared storage, "
-                       "encrypted and signed. Each site runs `p2pfed round --site NAME` from cron.")
-out = Console(highlight=False, soft_wrap=True)
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+def _reader_is_gone() -> None:
+    """`p2pfed status | head`: the reader has all it wanted. Exit 0, quietly."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise SystemExit(0)
+
+
+class _Stdout(Console):
+    on_broken_pipe = staticmethod(_reader_is_gone)  # rich's own exits 1
+
+
+out = _Stdout(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
 
 HomeOpt = typer.Option(None, "--home", envvar="P2PFED_HOME",
@@ -31,8 +43,54 @@ HomeOpt = typer.Option(None, "--home", envvar="P2PFED_HOME",
 SiteOpt = typer.Option(..., "--site", help="This site's name, as in the federation.")
 
 
+def _typer_help_like_click() -> None:
+    """Typer 0.29 shows `<str>`, `<bool>` and `{storage}` in help; other Typer tools
+    (and click) show TEXT, nothing for flags, and STORAGE. Restore that look."""
+    from typer import core
+
+    base, argument = getattr(core, "_TyperParameter", None), core.TyperArgument
+    if base is None or not hasattr(argument, "_usage_display_name"):
+        return  # another Typer: its own look
+    names = {"str": "TEXT", "int": "INTEGER", "float": "FLOAT", "bool": None}
+    original = base.display_type
+
+    def display_type(self, ctx):
+        if getattr(self, "is_flag", False):
+            return None
+        label = original(self, ctx).strip("<>")
+        return names.get(label, label.upper())
+
+    base.display_type = display_type
+    argument.display_name_raw = property(lambda self: self.metavar or self.name.upper())
+    argument._usage_display_name = lambda self: self.display_name_raw if self.required else f"[{self.display_name_raw}]"
+
+
+_typer_help_like_click()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from p2pfed.federation import version_of
+
+        out.print(f"p2pfed {version_of('p2pfed')} (nnunetv2 {version_of('nnunetv2')})", markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Show the versions of p2pfed and nnU-Net and exit.")) -> None:
+    """Serverless federated nnU-Net: FFE and AsymFedAvg over shared storage, encrypted and
+    signed. Each site runs `p2pfed round --site NAME` from cron."""
+
+
+TICKING = ("round_", "run")
+
+
 def fail(exc: P2PFedError) -> None:
-    line = f"p2pfed: error: {exc.message}" + (f" (hint: {exc.hint})" if exc.hint else "")
+    hint, ctx = exc.hint, click.get_current_context(silent=True)
+    if hint == UsageError.default_hint and ctx is not None:
+        hint = f"see `p2pfed {ctx.info_name} --help`"
+    line = f"p2pfed: error: {exc.message}" + (f" (hint: {hint})" if hint else "")
     err.print(line, markup=False, soft_wrap=True)
     raise typer.Exit(exc.exit_code)
 
@@ -43,10 +101,18 @@ def handled(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            sys.stdout.flush()  # a closed pipe shows here, while we can still handle it
+            return result
         except P2PFedError as exc:
             fail(exc)
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        except BrokenPipeError:
+            _reader_is_gone()
+        except KeyboardInterrupt:
+            resumes = "; the next tick resumes where this one stopped" if fn.__name__ in TICKING else ""
+            err.print(f"p2pfed: interrupted{resumes}", markup=False, soft_wrap=True)
+            raise typer.Exit(130)
+        except (typer.Exit, typer.Abort):
             raise
         except Exception as exc:  # a bug: keep the screen to one line, the details in a file
             log = _crash_log(kwargs.get("home"))
@@ -86,7 +152,12 @@ Raw = typer.Option(None, "--nnunet-raw", help="nnUNet_raw folder (default: $nnUN
 Pre = typer.Option(None, "--nnunet-preprocessed", help="nnUNet_preprocessed (default: $nnUNet_preprocessed).")
 Res = typer.Option(None, "--nnunet-results", help="nnUNet_results folder (default: $nnUNet_results).")
 Device = typer.Option("cpu", "--device", help="cpu, cuda or mps.")
-Endpoint = typer.Option(None, "--endpoint", help="S3 endpoint URL (MinIO, ...) (default: $AWS_ENDPOINT_URL).")
+# one flag, not a --x/--no-x pair: rich gives a pair its own column and truncates long option names
+NoFinalValidation = typer.Option(False, "--no-final-validation",
+                                 help="Skip nnU-Net's validation of the final model (run by default).")
+FinalValidation = typer.Option(True, "--final-validation", hidden=True, help="The default.")
+Endpoint = typer.Option(None, "--endpoint", help="S3 endpoint URL (MinIO, ...) (default: the one recorded at "
+                        "init/join, else $AWS_ENDPOINT_URL).")
 
 
 @app.command()
@@ -110,7 +181,7 @@ def init(
     planner: str = typer.Option("ExperimentPlanner", "--planner", help="nnU-Net experiment planner class."),
     plans_identifier: str = typer.Option("nnUNetPlans", "--plans-identifier", "-p", help="nnU-Net plans identifier."),
     gpu_memory_target: float = typer.Option(8.0, "--gpu-memory-target", help="GPU memory target of the planner, GB."),
-    final_validation: bool = typer.Option(True, "--final-validation/--no-final-validation", help="Run nnU-Net's validation after the final merge."),
+    no_final_validation: bool = NoFinalValidation, _final_validation: bool = FinalValidation,
     max_update_norm: Optional[float] = typer.Option(None, "--max-update-norm", help="Refuse updates whose L2 distance to the base model exceeds this times the base model's norm (off by default)."),
     nnunet_raw: Optional[str] = Raw, nnunet_preprocessed: Optional[str] = Pre,
     nnunet_results: Optional[str] = Res, device: str = Device,
@@ -125,14 +196,14 @@ def init(
                         val_iterations=val_iterations, sites=sites, quorum=quorum,
                         deadline_s=parse_duration(deadline), weighting=weighting, layers=layers,
                         trainer=trainer, planner=planner, plans_identifier=plans_identifier,
-                        gpu_memory_target=gpu_memory_target, final_validation=final_validation,
+                        gpu_memory_target=gpu_memory_target, final_validation=not no_final_validation,
                         max_update_norm=max_update_norm)
     opts = _local_options(site, dataset, nnunet_raw, nnunet_preprocessed, nnunet_results, device, endpoint, home)
     config, public = node.init(storage, opts, settings)
     if as_json:
         return emit_json({"federation": config.federation, "site": site, "fingerprint": public.fingerprint()})
     out.print(f"Created federation {config.federation} on {config.storage}")
-    out.print(f"Site {site!r} is its founder. Key fingerprint: {public.fingerprint()}")
+    out.print(f"Site {site!r} is its founder. Key fingerprint: {public.fingerprint_text()}")
     out.print(f"Other sites join with: p2pfed join {config.storage} --site NAME --dataset ID")
 
 
@@ -154,9 +225,9 @@ def join(
     if as_json:
         return emit_json({"federation": fed.id, "site": site, "fingerprint": public.fingerprint()})
     out.print(f"Join request for {site!r} published to federation {fed.id} (founder {fed.founder}).")
-    out.print(f"Key fingerprint: {public.fingerprint()}")
-    out.print(f"Send this fingerprint to a member out of band; they run: "
-              f"p2pfed admit {site} --site MEMBER --fingerprint {public.fingerprint()}")
+    out.print(f"Key fingerprint: {public.fingerprint_text()}")
+    out.print(f"Read it to a member by phone or send it out of band; they run: "
+              f"p2pfed admit {site} --site MEMBER --fingerprint '{public.fingerprint_text()}'")
 
 
 @app.command()
@@ -164,14 +235,17 @@ def join(
 def admit(
     name: str = typer.Argument(..., help="The pending site to admit."),
     site: str = typer.Option(..., "--site", help="Your own site (a member)."),
-    fingerprint: Optional[str] = typer.Option(None, "--fingerprint", help="The fingerprint the site sent you; a mismatch is refused."),
-    home: Optional[str] = HomeOpt,
+    fingerprint: Optional[str] = typer.Option(None, "--fingerprint", help="The fingerprint the site sent you, with or without spaces; a mismatch is refused."),
+    endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,
 ):
-    """Admit a pending site into the federation (signed by your site)."""
+    """Admit a pending site into the federation (signed by your site). Admitting a member is a no-op."""
     from p2pfed import node
 
-    who = node.admit(home, site, name, fingerprint)
-    out.print(f"Admitted {name!r} (fingerprint {who.fingerprint()}).")
+    who = node.admit(home, site, name, fingerprint, endpoint)
+    if who is None:
+        out.print(f"{name!r} is already a member; nothing to do.", markup=False)
+        return
+    out.print(f"Admitted {name!r} (fingerprint {who.fingerprint_text()}).", markup=False)
     if fingerprint is None:
         out.print("[yellow]Warning:[/] no --fingerprint given; compare the one above with the site out of band.")
 
@@ -196,15 +270,45 @@ def _progress_bar():
     return bar, update
 
 
-def _tick(home, site, say, until=None):
+LOG_MAX_BYTES = 10 * 2**20  # tick.log is renamed to tick.log.1 beyond this
+
+
+@contextlib.contextmanager
+def _output_into(log: Path):
+    """Send everything printed during a tick into the site's log: Python's sys.stdout and
+    sys.stderr, and file descriptors 1 and 2 (nnU-Net's workers and C libraries write there)."""
+    if log.exists() and log.stat().st_size > LOG_MAX_BYTES:
+        log.replace(log.with_name(log.name + ".1"))
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    with open(log, "a", buffering=1) as fh:
+        fh.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} tick ====\n")
+        saved = [os.dup(1), os.dup(2)]
+        try:
+            os.dup2(fh.fileno(), 1)
+            os.dup2(fh.fileno(), 2)
+            with contextlib.redirect_stdout(fh), contextlib.redirect_stderr(fh):
+                yield
+        finally:
+            fh.flush()
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+
+
+def _tick(home, site, say, until=None, endpoint=None, to_log=False):
+    """One tick under the site's lock. With `to_log`, all output goes to <site home>/tick.log."""
     from p2pfed import node
     from p2pfed.site import SiteHome, TickBusy
     from p2pfed.protocol import Report, Tick
 
+    site_home = SiteHome(home, site)
+    site_home.config()  # not set up here: say so before the lock makes a folder
+    # nnU-Net prints freely; stdout is kept for this command's own result (--json, one line)
+    output = _output_into(site_home.dir / "tick.log") if to_log else contextlib.redirect_stdout(sys.stderr)
     try:
-        # nnU-Net prints freely; stdout is kept for this command's own result (--json)
-        with SiteHome(home, site).lock(), contextlib.redirect_stdout(sys.stderr):
-            home_, config, fed = node.open_site(home, site)
+        with site_home.lock(), output:
+            home_, config, fed = node.open_site(home, site, endpoint)
             bar, update = _progress_bar()
             if bar is None:
                 return Tick(home_, config, fed, say=say, stop_after=until).run()
@@ -214,21 +318,34 @@ def _tick(home, site, say, until=None):
         return Report(site, phase="busy", message=f"another tick of site {site!r} is running; nothing done")
 
 
+def _to_log(quiet: bool, verbose: bool) -> bool:
+    """Quiet means one line: nnU-Net's output goes to the log under --quiet and under cron."""
+    return not verbose and (quiet or not sys.stdout.isatty())
+
+
+Quiet = typer.Option(False, "--quiet", "-q", help="One line per tick; all other output goes to "
+                     "<home>/sites/NAME/tick.log (the default when stdout is not a terminal).")
+Verbose = typer.Option(False, "--verbose", "-v", help="Show everything (nnU-Net's output too), even under cron.")
+
+
+def _say(site: str):
+    return lambda line: err.print(f"[dim]{site}:[/] {line}")
+
+
 @app.command("round")
 @handled
 def round_(
     site: str = SiteOpt, home: Optional[str] = HomeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print what the tick did as JSON."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only the final line."),
+    quiet: bool = Quiet, verbose: bool = Verbose, endpoint: Optional[str] = Endpoint,
     until: Optional[str] = typer.Option(None, "--until", help="'plan': stop after fingerprinting and planning (prepare before training)."),
 ):
     """One idempotent tick: do every next step this site can, then exit. Call it from cron.
 
     Exit 0 also when waiting for other sites or when another tick is running."""
-    say = (lambda line: None) if (quiet or as_json) else (lambda line: err.print(f"[dim]{site}:[/] {line}"))
     if until not in (None, "plan"):
-        raise UsageError("--until takes only 'plan'")
-    report = _tick(home, site, say, until)
+        raise UsageError("--until takes only 'plan'", "leave --until out, or give --until plan")
+    report = _tick(home, site, _say(site), until, endpoint, to_log=_to_log(quiet or as_json, verbose))
     if as_json:
         emit_json(report.to_json())
     else:
@@ -240,13 +357,14 @@ def round_(
 def run(
     site: str = SiteOpt, home: Optional[str] = HomeOpt,
     interval: float = typer.Option(60.0, "--interval", help="Seconds between ticks while waiting."),
+    quiet: bool = Quiet, verbose: bool = Verbose, endpoint: Optional[str] = Endpoint,
 ):
     """Tick until the federation is finished (for machines without cron)."""
     from p2pfed.errors import StorageError
 
     while True:
         try:
-            report = _tick(home, site, lambda line: err.print(f"[dim]{site}:[/] {line}"))
+            report = _tick(home, site, _say(site), endpoint=endpoint, to_log=_to_log(quiet, verbose))
         except StorageError as exc:  # transient outages must not end a days-long run
             err.print(f"p2pfed: storage problem, retrying in {interval:g} s: {exc.message}", markup=False)
             time.sleep(interval)
@@ -273,21 +391,22 @@ def status(
     from p2pfed import status as statusmod
 
     doc = statusmod.document(home=home, site=site, storage=storage, endpoint=endpoint)
-    if plot is not None:
-        statusmod.plot(doc, plot)
+    drawn = statusmod.plot(doc, plot) if plot is not None else None
     if as_json:
         emit_json(doc)
     else:
         statusmod.render(doc, out)
-        if plot is not None:
-            out.print(f"Plot written to {plot}")
+    if plot is not None:
+        why = "none yet" if site else "metrics are encrypted; use --site"
+        (out if not as_json else err).print(f"Plot written to {plot}" if drawn else
+                                            f"No metrics to plot ({why}); {plot} not written", markup=False)
 
 
 
 @app.command()
 @handled
 def verify(
-    site: str = SiteOpt, home: Optional[str] = HomeOpt,
+    site: str = SiteOpt, endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
 ):
     """Check every signature, hash and envelope in the shared storage. Exit 6 if anything fails."""
@@ -295,7 +414,7 @@ def verify(
     from p2pfed.errors import IntegrityError
     from p2pfed.verify import verify_storage
 
-    home_, _, fed = node.open_site(home, site)
+    home_, _, fed = node.open_site(home, site, endpoint)
     findings = verify_storage(fed, home_.identity())
     bad = [f for f in findings if not f.ok]
     if as_json:
@@ -320,8 +439,7 @@ def simulate(
     dim: int = typer.Option(2, "--dim", help="2 (2-D images, 2d configuration) or 3 (small volumes, 3d_fullres)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic data."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Shared storage (default: WORKDIR/shared)."),
-    final_validation: bool = typer.Option(True, "--final-validation/--no-final-validation",
-                                          help="Run nnU-Net's validation on each site's final model."),
+    no_final_validation: bool = NoFinalValidation, _final_validation: bool = FinalValidation,
 ):
     """Run a whole federation of synthetic sites on this machine, each site in its own
     process ticking as cron would; print the per-site results at the end."""
@@ -333,7 +451,7 @@ def simulate(
         raise UsageError("--dim must be 2 or 3")
     init_args = ["--mode", mode, "--rounds", str(rounds), "--iterations-per-epoch", str(iterations),
                  "--val-iterations", "2", "--configuration", "2d" if dim == 2 else "3d_fullres",
-                 "--final-validation" if final_validation else "--no-final-validation"]
+                 "--no-final-validation" if no_final_validation else "--final-validation"]
     out.print(f"Generating {sites} synthetic sites in {workdir} and forming the federation ...")
     simulation = sim.setup(workdir, sites, storage=storage, init_args=init_args, dim=dim, seed=seed)
     started = time.monotonic()
@@ -342,7 +460,16 @@ def simulate(
     from p2pfed import status as statusmod
 
     statusmod.render_results(doc, out)
-    out.print(f"Inspect it with: p2pfed status --site {simulation.sites[0].name} --home {simulation.home}")
+    out.print("Each site's final model is a standard nnU-Net results folder:", markup=False)
+    for s in simulation.sites:
+        out.print(f"  {s.name}: {s.folders['results']}", markup=False, soft_wrap=True)
+    first = simulation.sites[0]
+    images = first.folders["raw"] / f"Dataset{first.dataset_id:03d}_{first.name}" / "imagesTs"
+    out.print(f"Predict with it (here {first.name}'s):\n  nnUNet_raw={first.folders['raw']} "
+              f"nnUNet_preprocessed={first.folders['preprocessed']} nnUNet_results={first.folders['results']} "
+              f"nnUNetv2_predict -i {images} -o {workdir.absolute() / 'predictions'} -d {first.dataset_id} "
+              f"-c {'2d' if dim == 2 else '3d_fullres'} -f 0 -device cpu", markup=False, soft_wrap=True)
+    out.print(f"Inspect it with: p2pfed status --site {first.name} --home {simulation.home}", markup=False)
 
 
 def main() -> None:

@@ -68,6 +68,11 @@ def _unb64(text: str, name: str) -> bytes:
         raise IntegrityError(f"{name}: malformed base64 field") from None
 
 
+def grouped(hex_digits: str) -> str:
+    """'2ff7a303...' -> '2ff7 a303 ...' (input is accepted with or without the spaces)."""
+    return " ".join(hex_digits[i:i + 4] for i in range(0, len(hex_digits), 4))
+
+
 # --------------------------------------------------------------------------- identities
 @dataclass(frozen=True)
 class PublicIdentity:
@@ -80,6 +85,10 @@ class PublicIdentity:
     def fingerprint(self) -> str:
         """64 hex digits that sites compare out of band before admitting each other."""
         return sha256_hex(b"p2pfed-id-v1\x00" + self.verify_key + self.encrypt_key)
+
+    def fingerprint_text(self) -> str:
+        """The fingerprint as people read it aloud: 16 groups of 4 hex digits."""
+        return grouped(self.fingerprint())
 
     def to_json(self) -> dict:
         return {"site": self.site, "ed25519": _b64(self.verify_key),

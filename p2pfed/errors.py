@@ -22,7 +22,7 @@ class UsageError(P2PFedError):
     """Bad command-line arguments or options."""
 
     exit_code = 2
-    default_hint = "see `p2pfed COMMAND --help`"
+    default_hint = "see the command's --help"
 
 
 class SetupError(P2PFedError):

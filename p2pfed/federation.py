@@ -2,6 +2,7 @@
 verified view of both that every command starts from (docs/design.md, "Membership")."""
 from __future__ import annotations
 
+import hmac
 import json
 import re
 import secrets
@@ -122,7 +123,14 @@ class Federation:
 
 # --------------------------------------------------------------------------- creation
 def create(storage: Storage, founder: Identity, settings: Settings, schema: dict) -> tuple[str, str]:
-    """Write federation.json and the founder's member record. Returns (id, genesis sha256).
+    """Write federation.json and the founder's member record. Returns (id, genesis sha256)."""
+    fed_id, genesis = genesis_record(founder, settings, schema)
+    publish(storage, fed_id, genesis, founder)
+    return fed_id, sha256_hex(genesis)
+
+
+def genesis_record(founder: Identity, settings: Settings, schema: dict) -> tuple[str, bytes]:
+    """The signed federation.json, not yet written: (federation id, its bytes).
 
     `schema` is the founder's dataset.json labels, channel names and file ending: every
     joining site is checked against it before it shares anything."""
@@ -130,14 +138,17 @@ def create(storage: Storage, founder: Identity, settings: Settings, schema: dict
     body = {"kind": "federation", "format": FORMAT, "federation": fed_id, "created": int(time.time()),
             "founder": founder.public().to_json(), "settings": asdict(settings), "dataset_schema": schema,
             "versions": {"p2pfed": version_of("p2pfed"), "nnunetv2": version_of("nnunetv2")}}
-    genesis = sign_record(body, founder)
+    return fed_id, sign_record(body, founder)
+
+
+def publish(storage: Storage, fed_id: str, genesis: bytes, founder: Identity) -> None:
+    """Write federation.json create-only, then the founder's member record."""
     try:
         storage.put_new(layout.FEDERATION, genesis)
     except FileExistsError:
         raise SetupError(f"a federation already exists at {storage.url}",
                          "use `p2pfed join` to join it, or pick another storage location") from None
     _admit(storage, fed_id, founder.public(), founder)
-    return fed_id, sha256_hex(genesis)
 
 
 def _admit(storage: Storage, fed_id: str, who: PublicIdentity, by: Identity) -> None:
@@ -160,11 +171,13 @@ def request_join(storage: Storage, fed: Federation, joiner: Identity) -> None:
                          "pick another --site name") from None
 
 
-def admit(fed: Federation, name: str, by: Identity, fingerprint: str | None, started: bool) -> PublicIdentity:
+def admit(fed: Federation, name: str, by: Identity, fingerprint: str | None, started: bool) -> PublicIdentity | None:
+    """Admit a pending site; None if it is a member already (nothing to do)."""
     if by.site not in fed.members:
-        raise SetupError(f"site {by.site!r} is not a member and cannot admit anyone")
+        raise SetupError(f"site {by.site!r} is not a member and cannot admit anyone",
+                         f"ask a member ({', '.join(sorted(fed.members))}) to run `p2pfed admit {name}`")
     if name in fed.members:
-        raise UsageError(f"site {name!r} is already a member", "nothing to do")
+        return None
     if name not in fed.pending:
         raise UsageError(f"no pending join request from {name!r}",
                          "the site must run `p2pfed join` first; `p2pfed status` lists pending joins")
@@ -172,18 +185,20 @@ def admit(fed: Federation, name: str, by: Identity, fingerprint: str | None, sta
         raise UsageError(f"the federation has started; {name!r} can no longer be admitted",
                          "membership is fixed once the fingerprint phase is sealed")
     who = fed.pending[name]
-    if fingerprint is not None and _norm_fp(fingerprint) != who.fingerprint():
-        raise IntegrityError(f"fingerprint mismatch for {name!r}: the join request has {who.fingerprint()}",
+    if fingerprint is not None and not same_fingerprint(fingerprint, who.fingerprint()):
+        # never print the expected value: it is what an impostor would want pasted back
+        raise IntegrityError(f"fingerprint mismatch for {name!r}: the join request has other keys",
                              "do not admit; ask the site for its fingerprint again out of band")
     try:
         _admit(fed.storage, fed.id, who, by)
     except FileExistsError:
-        raise UsageError(f"site {name!r} was admitted meanwhile", "nothing to do") from None
+        return None  # admitted meanwhile by another member
     return who
 
 
-def _norm_fp(text: str) -> str:
-    return re.sub(r"[\s:-]", "", text).lower()
+def same_fingerprint(given: str, expected: str) -> bool:
+    """Compare a typed or pasted fingerprint: separators (spaces, '-', ':') and case ignored."""
+    return hmac.compare_digest(re.sub(r"[\s:-]", "", given).lower().encode(), expected.encode())
 
 
 # --------------------------------------------------------------------------- loading

@@ -8,11 +8,11 @@ from pathlib import Path
 from . import federation as fedmod
 from . import ffe
 from . import layout
-from .crypto import Identity, PublicIdentity
+from .crypto import Identity, PublicIdentity, sha256_hex
 from .dataset import check_trainable, dataset_json
 from .errors import SetupError, UsageError
 from .federation import Federation, Settings
-from .site import DEVICES, SiteConfig, SiteHome
+from .site import DEVICES, SiteConfig, SiteHome, TickBusy
 from .storage import Storage, open_storage, probe
 
 
@@ -47,11 +47,6 @@ def _prepare(opts: LocalOptions) -> tuple[SiteHome, dict, dict]:
     if home.exists:
         raise SetupError(f"site {opts.site!r} already exists in {home.root}",
                          "use another --home, or another --site name")
-    try:  # before anything is written to the shared storage
-        home.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as exc:
-        raise SetupError(f"cannot write the site home {home.dir}: {exc.strerror}",
-                         "use --home or P2PFED_HOME to pick a writable folder") from None
     folders = {"nnunet_raw": _folder(opts.nnunet_raw, "nnUNet_raw", "--nnunet-raw"),
                "nnunet_preprocessed": _folder(opts.nnunet_preprocessed, "nnUNet_preprocessed",
                                               "--nnunet-preprocessed"),
@@ -61,61 +56,122 @@ def _prepare(opts: LocalOptions) -> tuple[SiteHome, dict, dict]:
     return home, folders, info
 
 
+def _writable(home: SiteHome) -> None:
+    """Before anything is written to the shared storage (removed again if the command fails)."""
+    try:
+        home.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise SetupError(f"cannot write the site home {home.dir}: {exc.strerror}",
+                         "use --home or P2PFED_HOME to pick a writable folder") from None
+
+
+def storage_settings(url: str, endpoint: str | None) -> dict:
+    """What a cron job needs to reach S3 and its environment may lack: the endpoint, the
+    region and the profile name, from the flag or this shell's environment. Never secrets:
+    credentials stay in the profile's files or the environment (README, "Cron")."""
+    if not url.startswith(("s3://", "s3a://")):
+        return {"endpoint_url": endpoint}
+    env = os.environ.get
+    return {"endpoint_url": endpoint or env("AWS_ENDPOINT_URL_S3") or env("AWS_ENDPOINT_URL"),
+            "region": env("AWS_REGION") or env("AWS_DEFAULT_REGION"), "aws_profile": env("AWS_PROFILE")}
+
+
+def _config(opts: LocalOptions, folders: dict, storage: Storage, fed_id: str, genesis: str) -> SiteConfig:
+    return SiteConfig(site=opts.site, storage=storage.url, federation=fed_id, genesis_sha256=genesis,
+                      dataset=opts.dataset, device=opts.device,
+                      **storage_settings(storage.url, opts.endpoint_url), **folders)
+
+
 def check_schema(fed: Federation, site: str, info: dict) -> None:
     """Labels, channels and file ending must match the federation's before anything is shared."""
     ffe.merge_dataset_info({fed.founder: {**fed.schema, "numTraining": 0}, site: info})
 
 
-def _save(home: SiteHome, opts: LocalOptions, folders: dict, identity: Identity, storage: Storage,
-          fed_id: str, genesis: str) -> SiteConfig:
-    config = SiteConfig(site=opts.site, storage=storage.url,
-                        federation=fed_id, genesis_sha256=genesis, dataset=opts.dataset,
-                        device=opts.device, endpoint_url=opts.endpoint_url, **folders)
-    home.create(identity, config)
-    return config
-
-
 def init(storage_url: str, opts: LocalOptions, settings: Settings) -> tuple[SiteConfig, PublicIdentity]:
+    """Keys are saved before anything is shared; a failed init leaves no site home."""
     home, folders, info = _prepare(opts)
-    storage = open_storage(storage_url, opts.endpoint_url)
-    if storage.exists(layout.FEDERATION):
-        raise SetupError(f"a federation already exists at {storage.url}",
-                         "use `p2pfed join` to join it, or pick another storage location")
-    probe(storage)
-    identity = Identity.generate(opts.site)
-    check_trainable(folders["nnunet_raw"], folders["nnunet_preprocessed"], opts.dataset, settings.fold)
-    schema = {k: v for k, v in info.items() if k != "numTraining"}
-    fed_id, genesis = fedmod.create(storage, identity, settings, schema)
-    return _save(home, opts, folders, identity, storage, fed_id, genesis), identity.public()
+    with home.creating():
+        _writable(home)
+        storage = open_storage(storage_url, opts.endpoint_url)
+        if storage.exists(layout.FEDERATION):
+            raise SetupError(f"a federation already exists at {storage.url}",
+                             "use `p2pfed join` to join it, or pick another storage location")
+        probe(storage)
+        identity = Identity.generate(opts.site)
+        check_trainable(folders["nnunet_raw"], folders["nnunet_preprocessed"], opts.dataset, settings.fold)
+        schema = {k: v for k, v in info.items() if k != "numTraining"}
+        fed_id, genesis = fedmod.genesis_record(identity, settings, schema)
+        home.save_keys(identity)
+        fedmod.publish(storage, fed_id, genesis, identity)
+    config = _config(opts, folders, storage, fed_id, sha256_hex(genesis))
+    home.save_config(config)  # last: a home with site.json is complete
+    return config, identity.public()
 
 
 def join(storage_url: str, opts: LocalOptions) -> tuple[SiteConfig, PublicIdentity, Federation]:
+    """Keys are saved before the join request is shared; a failed join leaves no site home."""
     home, folders, info = _prepare(opts)
-    storage = open_storage(storage_url, opts.endpoint_url)
-    fed = fedmod.load(storage)
-    check_schema(fed, opts.site, info)
-    check_trainable(folders["nnunet_raw"], folders["nnunet_preprocessed"], opts.dataset, fed.settings.fold)
-    identity = Identity.generate(opts.site)
-    fedmod.request_join(storage, fed, identity)
-    config = _save(home, opts, folders, identity, storage, fed.id, fed.genesis_sha256)
+    with home.creating():
+        _writable(home)
+        storage = open_storage(storage_url, opts.endpoint_url)
+        fed = fedmod.load(storage)
+        refuse_if_started(fed)
+        check_schema(fed, opts.site, info)
+        check_trainable(folders["nnunet_raw"], folders["nnunet_preprocessed"], opts.dataset, fed.settings.fold)
+        identity = Identity.generate(opts.site)
+        home.save_keys(identity)
+        fedmod.request_join(storage, fed, identity)
+    config = _config(opts, folders, storage, fed.id, fed.genesis_sha256)
+    home.save_config(config)  # last: a home with site.json is complete
     return config, identity.public(), fed
 
 
-def open_site(home_dir: str | None, site: str) -> tuple[SiteHome, SiteConfig, Federation]:
-    """Load a site's home and its verified view of the federation, with pins checked."""
+def refuse_if_started(fed: Federation) -> None:
+    """Membership is fixed once the start seal exists: say so at join, not days later."""
+    if fed.storage.exists(layout.FINGERPRINT_SEAL):
+        finished = any(True for _ in fed.storage.list_prefix("final"))
+        raise SetupError(f"the federation at {fed.storage.url} has {'finished' if finished else 'started'}; "
+                         "it admits no new sites", "ask its members to start a new federation with you")
+
+
+def open_site(home_dir: str | None, site: str, endpoint: str | None = None) -> tuple[SiteHome, SiteConfig, Federation]:
+    """Load a site's home and its verified view of the federation, with pins checked.
+
+    `endpoint` overrides the one recorded at init/join. The recorded region and profile
+    apply unless this environment sets its own."""
     home = SiteHome(home_dir, site)
     config = home.config()
-    storage = open_storage(config.storage, config.endpoint_url)
+    _recorded_aws_settings(config)
+    storage = open_storage(config.storage, endpoint or config.endpoint_url)
     fed = fedmod.load(storage, pinned_genesis=config.genesis_sha256)
     state = home.state()
     pins = fedmod.check_pins(fed, state.get("known_members", {}))
     if pins != state.get("known_members"):
-        state["known_members"] = pins
-        home.save_state(state)
+        _save_pins(home, pins)
     return home, config, fed
 
 
-def admit(home_dir: str | None, site: str, name: str, fingerprint: str | None) -> PublicIdentity:
-    home, _, fed = open_site(home_dir, site)
+def _recorded_aws_settings(config: SiteConfig) -> None:
+    """cron starts with an empty environment: fill in what init/join recorded."""
+    if config.aws_profile and not os.environ.get("AWS_PROFILE"):
+        os.environ["AWS_PROFILE"] = config.aws_profile
+    if config.region and not (os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")):
+        os.environ["AWS_DEFAULT_REGION"] = config.region
+
+
+def _save_pins(home: SiteHome, pins: dict) -> None:
+    """Only under the site's lock: a running tick owns state.json and pins it itself."""
+    try:
+        with home.lock():
+            state = home.state()
+            state["known_members"] = pins
+            home.save_state(state)
+    except TickBusy:
+        pass
+
+
+def admit(home_dir: str | None, site: str, name: str, fingerprint: str | None,
+          endpoint: str | None = None) -> PublicIdentity | None:
+    home, _, fed = open_site(home_dir, site, endpoint)
     started = fed.storage.exists(layout.FINGERPRINT_SEAL)
     return fedmod.admit(fed, name, home.identity(), fingerprint, started)

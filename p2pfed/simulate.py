@@ -62,14 +62,13 @@ class Simulation:
 
 def make_sites(workdir: Path, n_sites: int, *, dim: int = 2, seed: int = 0, n_train=None,
                n_test: int = 2, channels=("CT",), size=None) -> list[SimSite]:
-    from .synthetic import make_site, site_name, DEFAULT_TRAIN_CASES
+    from .synthetic import make_site, site_name, trainable_cases
 
     sites = []
     for i in range(n_sites):
         site = SimSite(site_name(i), 101 + i, workdir / "sites" / site_name(i))
-        # nnU-Net's 5-fold split needs at least 5 training cases per site
         n = n_train[i] if isinstance(n_train, (list, tuple)) else n_train if n_train is not None \
-            else max(5, DEFAULT_TRAIN_CASES[i % len(DEFAULT_TRAIN_CASES)])
+            else trainable_cases(i)
         make_site(site.folders["raw"], site.dataset_id, i, n_train=n, n_test=n_test, dim=dim, size=size,
                   seed=seed, channels=channels)
         sites.append(site)

@@ -1,6 +1,8 @@
 """A site's home: its private keys (mode 0600), its settings and its local state.
 
-Layout: <home>/sites/<site>/{site.json, signing.pem, encryption.pem, state.json, tick.lock}.
+Layout: <home>/sites/<site>/{site.json, signing.pem, encryption.pem, state.json, tick.lock,
+tick.log}. Everything in the home is written under the site's tick lock (`lock()`, re-entrant
+within a process), by write-temp-fsync-rename.
 Several sites can share one home root (that is how tests and the demo simulate a
 federation on one machine), each with its own nnU-Net folders."""
 from __future__ import annotations
@@ -9,6 +11,8 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
+import shutil
 import stat
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -42,6 +46,8 @@ class SiteConfig:
     nnunet_results: str
     device: str = "cpu"
     endpoint_url: str | None = None
+    region: str | None = None  # S3 only, like the profile name: what cron's environment lacks
+    aws_profile: str | None = None  # a name in ~/.aws/{config,credentials}; never a secret
 
     @classmethod
     def from_json(cls, obj: dict) -> "SiteConfig":
@@ -50,15 +56,26 @@ class SiteConfig:
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write-then-rename so a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write-then-rename so a crash leaves the old file or the new one, never half of one.
+
+    The temporary name is unique (two writers never share it) and the folder is fsynced
+    after the rename, so the new name survives a power cut."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
     except OSError as exc:  # disk full, read-only or removed folder: the old file is intact
         raise SetupError(f"cannot write {path}: {exc.strerror or exc}",
                          "free disk space or fix the permissions of the site home; "
@@ -81,15 +98,30 @@ class SiteHome:
 
     def create(self, identity: Identity, config: SiteConfig) -> None:
         """Write keys first, settings last: a home with site.json is complete."""
+        self.save_keys(identity)
+        self.save_config(config)
+
+    def save_keys(self, identity: Identity) -> None:
         try:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             signing, encryption = identity.private_pems()
             atomic_write(self.dir / "signing.pem", signing, 0o600)
             atomic_write(self.dir / "encryption.pem", encryption, 0o600)
-            self.save_config(config)
         except OSError as exc:
             raise SetupError(f"cannot write the site home {self.dir}: {exc.strerror}",
                              "use --home or P2PFED_HOME to pick a writable folder") from None
+
+    @contextlib.contextmanager
+    def creating(self) -> Iterator[None]:
+        """For init/join: if the command fails, remove the site's folder again when this
+        command made it, so a failed command leaves no half-made home."""
+        made = not self.dir.exists()
+        try:
+            yield
+        except BaseException:
+            if made:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            raise
 
     def save_config(self, config: SiteConfig) -> None:
         atomic_write(self.dir / "site.json", json.dumps(asdict(config), indent=2).encode())
@@ -141,16 +173,27 @@ class SiteHome:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    _held: set[Path] = set()  # lock files this process holds: lock() is re-entrant
+
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
-        """One tick per site at a time. flock is released by the kernel if we are killed."""
+        """One writer per site at a time (a tick, or `status`/`verify` saving pins).
+        flock is released by the kernel if we are killed. TickBusy if another process holds it."""
+        path = self.dir / "tick.lock"
+        if path in SiteHome._held:
+            yield
+            return
         self.dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.dir / "tick.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise TickBusy() from None
-            yield
+            SiteHome._held.add(path)
+            try:
+                yield
+            finally:
+                SiteHome._held.discard(path)
         finally:
             os.close(fd)

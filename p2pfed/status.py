@@ -5,12 +5,14 @@ who committed what). With a site, it also decrypts the per-round metrics."""
 from __future__ import annotations
 
 import json
+import statistics
+import time
 from dataclasses import asdict
 from pathlib import Path
 
 from . import federation as fedmod
 from . import layout
-from .crypto import Identity
+from .crypto import Identity, grouped
 from .errors import P2PFedError, UsageError
 from .federation import Federation
 from .objects import read_envelope, read_record
@@ -26,13 +28,14 @@ def document(home: str | None, site: str | None, storage: str | None, endpoint: 
     if site:
         from .node import open_site
 
-        home_, config, fed = open_site(home, site)
+        home_, config, fed = open_site(home, site, endpoint)
         reader = home_.identity()
-        local = home_.state()
+        local = {**home_.state(), "nnunet_results": config.nnunet_results}
     elif storage:
         fed, reader, local = fedmod.load(open_storage(storage, endpoint)), None, {}
     else:
-        raise UsageError("give --site NAME (to decrypt metrics) or --storage URL")
+        raise UsageError("give --site NAME (to decrypt metrics) or --storage URL",
+                         "e.g. `p2pfed status --site uka`; see `p2pfed status --help`")
     return build(fed, reader, local)
 
 
@@ -61,8 +64,12 @@ def build(fed: Federation, reader: Identity | None, local: dict | None = None, v
     for s, key in sorted(layout.sites_in(keys, "final").items()):
         doc["final"][s] = _decrypt(view, key, "final", s, reader)
     doc["phase"] = where(view)
+    doc["started_at"] = (view.start_seal() or {}).get("sealed_at")
+    doc["steps"] = _steps(doc)
+    doc["progress"] = _progress(doc, fed.settings)
     if local:
-        doc["local"] = {k: local.get(k) for k in ("round", "results_folder", "final_dice", "finished") if k in local}
+        doc["local"] = {k: local.get(k) for k in ("round", "results_folder", "final_dice", "finished",
+                                                  "nnunet_results") if k in local}
     return doc
 
 
@@ -108,11 +115,88 @@ def _rounds(view: View, keys: set[str], reader) -> list[dict]:
                 "merged_result": merged[s]["result"] if s in merged else None,
                 "merged_model": merged[s]["per_site"].get(s) if s in merged else None,
             }
+        # agreed only once every participant has published the same result
+        expected = list(view.participants) if seal else []
         results = {m["result"] for m in merged.values()}
-        entry["merge_agreed"] = None if not results else len(results) == 1
+        entry["merge_published"] = [len([s for s in expected if s in merged]), len(expected)]
+        entry["merge_agreed"] = False if len(results) > 1 else \
+            True if expected and all(s in merged for s in expected) else None
         entry["excluded"] = {s: why for m in merged.values() for s, why in m.get("excluded", {}).items()}
         rounds.append(entry)
     return rounds
+
+
+def _steps(doc: dict) -> dict[str, str]:
+    """What each participant is doing now, from the phase and what it has published."""
+    phase, final = doc["phase"], doc["final"]
+    name, waiting = phase["name"], set(phase["waiting_for"])
+    steps = {}
+    for p in doc["participants"]:
+        pending = [e["round"] for e in doc["rounds"] if not e["sealed"] and e["sites"].get(p, {}).get("committed")]
+        if p in final:
+            steps[p] = "finished"
+        elif pending:  # asym sites go ahead of the federation's phase
+            steps[p] = f"round {max(pending)} committed; waiting for the seal"
+        elif name == "fingerprint":
+            steps[p] = f"computing its {phase['step']}" if p in waiting else "waiting for the others' " + phase["step"]
+        elif name == "plan":
+            steps[p] = "planning and preprocessing" if p in waiting else "waiting for the others' plans"
+        elif name == "initial model":
+            steps[p] = "building the initial model" if p in waiting else "waiting for the initial model"
+        elif name == "round":
+            steps[p] = f"training round {phase['round']}"
+        else:
+            steps[p] = "final merge and validation"
+    return steps
+
+
+def _progress(doc: dict, settings) -> dict:
+    """Rounds done out of the total, the measured time per round and the estimated end."""
+    seals = [e["seal"] for e in doc["rounds"] if e["sealed"] and e["round"] > 0]
+    took = [s["sealed_at"] - s["opened_at"] for s in seals if s.get("sealed_at") and s.get("opened_at")]
+    per_round = statistics.median(took[-5:]) if took else None
+    remaining = settings.rounds - len(seals)
+    eta = None
+    if per_round is not None and remaining > 0:
+        eta = max(int(time.time()), int(max(s["sealed_at"] for s in seals) + remaining * per_round))
+    # the open round: the federation's, or (asym) the first one a site went ahead to
+    phase, unsealed = doc["phase"], [e["round"] for e in doc["rounds"] if not e["sealed"] and e["round"] > 0]
+    r = phase.get("round") if phase["name"] == "round" else min(unsealed, default=None)
+    deadline = None
+    if r:
+        previous = [e["seal"] for e in doc["rounds"] if e["round"] == r - 1 and e["sealed"]]
+        opened = previous[0]["sealed_at"] if previous else doc.get("started_at")
+        deadline = opened + settings.deadline_s if opened else None
+    return {"rounds_done": len(seals), "rounds_total": settings.rounds, "round_seconds": per_round,
+            "eta": eta, "open_round": r, "round_deadline": deadline}
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def duration(seconds: float) -> str:
+    """21600 -> '6h', 5400 -> '90m', 45 -> '45s': the largest unit that divides evenly
+    (the federation stores seconds; this gives back the unit `--deadline` was given in)."""
+    seconds = int(seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds and seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _about(seconds: float) -> str:
+    """A rough span for an ETA: '3h 20m', '12m', '40s'."""
+    seconds = int(seconds)
+    if seconds >= 86400:
+        return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h {seconds % 3600 // 60}m"
+    return f"{seconds // 60}m" if seconds >= 60 else f"{seconds}s"
+
+
+def local_time(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M %Z", time.localtime(ts))
 
 
 # --------------------------------------------------------------------------- rendering
@@ -124,23 +208,24 @@ def render(doc: dict, console) -> None:
     from rich.table import Table
 
     fed, st = doc["federation"], doc["federation"]["settings"]
-    console.print(f"[bold]Federation[/] {fed['id']} on {doc['storage']}")
-    console.print(f"mode {st['mode']}, {st['configuration']} fold {st['fold']}, {st['rounds']} rounds x "
-                  f"{st['epochs_per_round']} epoch(s) x {st['iterations_per_epoch']} iterations; "
-                  f"quorum {st['quorum'] or st['sites']}/{st['sites']}, deadline {st['deadline_s']} s; "
+    console.print(f"[bold]Federation[/] {fed['id']} on {doc['storage']}", soft_wrap=True)
+    console.print(f"mode {st['mode']}, {st['configuration']} fold {st['fold']}, {plural(st['rounds'], 'round')} x "
+                  f"{plural(st['epochs_per_round'], 'epoch')} x {plural(st['iterations_per_epoch'], 'iteration')}; "
+                  f"quorum {st['quorum'] or st['sites']}/{st['sites']}, deadline {duration(st['deadline_s'])}; "
                   f"weighting {st['weighting']}, layers {st['layers']}")
     phase = doc["phase"]
     where = phase["name"] + (f" {phase['round']}" if "round" in phase else "")
     console.print(f"[bold]Phase:[/] {where}" + (f"; waiting for {', '.join(phase['waiting_for'])}"
                                                  if phase["waiting_for"] else ""))
+    _render_progress(doc, console)
     members = Table(title="Members")
     for col in ("site", "fingerprint", "admitted by", "plan"):
         members.add_column(col)
     for m in doc["members"]:
-        members.add_row(m["site"], m["fingerprint"][:16] + "…", m["admitted_by"] or "-",
+        members.add_row(m["site"], grouped(m["fingerprint"]), m["admitted_by"] or "-",
                         (doc["plans"].get(m["site"]) or "-")[:12])
     for p in doc["pending"]:
-        members.add_row(p["site"], p["fingerprint"][:16] + "…", "[yellow]pending[/]", "-")
+        members.add_row(p["site"], grouped(p["fingerprint"]), "[yellow]pending[/]", "-")
     console.print(members)
     if doc.get("plan_details"):
         plans = Table(title=f"Plans ({st['configuration']})")
@@ -153,7 +238,9 @@ def render(doc: dict, console) -> None:
         console.print(plans)
     if doc["rounds"]:
         sites = doc["participants"] or [m["site"] for m in doc["members"]]
-        table = Table(title="Rounds (train loss / val loss / pseudo-Dice)")
+        # public status cannot decrypt metrics: its cells say who committed, and so does the title
+        table = Table(title="Rounds (train loss / val loss / pseudo-Dice)" if doc["viewer"] else
+                      "Rounds (who committed; metrics need --site)")
         table.add_column("round")
         for s in sites:
             table.add_column(s)
@@ -173,7 +260,9 @@ def render(doc: dict, console) -> None:
                     cells.append(" / ".join(_fmt(m[k]) for k in METRICS))
                 else:
                     cells.append("committed")
-            agreed = {None: "-", True: "agreed", False: "[red]MISMATCH[/]"}[e["merge_agreed"]]
+            done, total = e.get("merge_published") or (0, 0)
+            agreed = {True: "agreed", False: "[red]MISMATCH[/]"}.get(e["merge_agreed"],
+                                                                     f"{done}/{total} published" if total else "-")
             if e.get("excluded"):
                 agreed += f"; [red]excluded {', '.join(sorted(e['excluded']))}[/]"
             table.add_row(str(e["round"]) + ("" if e["sealed"] else " (open)"), *cells, agreed)
@@ -187,6 +276,30 @@ def render(doc: dict, console) -> None:
             dice = (f or {}).get("validation_dice") or {}
             final.add_row(s, ((f or {}).get("model") or "-")[:16], _fmt(dice.get("foreground")) if dice else "-")
         console.print(final)
+
+
+def _render_progress(doc: dict, console) -> None:
+    """Steps per site, rounds done with an ETA, the open round's deadline, the results folder."""
+    prog, st = doc.get("progress") or {}, doc["federation"]["settings"]
+    for site, step in sorted((doc.get("steps") or {}).items()):
+        console.print(f"  {site}: {step}", markup=False)
+    if prog and doc["participants"]:
+        line = f"[bold]Rounds:[/] {prog['rounds_done']}/{plural(prog['rounds_total'], 'round')} done"
+        if prog.get("round_seconds") is not None:
+            line += f", about {_about(prog['round_seconds'])} per round"
+        if prog.get("eta"):
+            line += f"; estimated end {local_time(prog['eta'])}"
+        console.print(line)
+    if prog.get("round_deadline"):
+        console.print(f"[bold]Deadline[/] of round {prog['open_round']} ({duration(st['deadline_s'])} after it "
+                      f"opened): {local_time(prog['round_deadline'])}; then {st['quorum'] or st['sites']} "
+                      f"contribution(s) may seal it")
+    local = doc.get("local") or {}
+    if local.get("results_folder"):
+        console.print(f"[bold]Results folder:[/] {local['results_folder']}", soft_wrap=True)
+    elif local.get("nnunet_results"):
+        console.print(f"[bold]Results folder:[/] not yet; the final model will be written under "
+                      f"{local['nnunet_results']}", soft_wrap=True)
 
 
 def results(doc: dict) -> list[dict]:
@@ -213,8 +326,16 @@ def render_results(doc: dict, console) -> None:
     console.print(table)
 
 
-def plot(doc: dict, path: Path) -> Path:
-    """Per-site curves of train loss, validation loss and pseudo-Dice over rounds."""
+def plot(doc: dict, path: Path) -> Path | None:
+    """Per-site curves of train loss, validation loss and pseudo-Dice over rounds; None
+    (and no file) when there is no metric to draw yet, or none this reader can decrypt."""
+    sites = doc["participants"] or [m["site"] for m in doc["members"]]
+    curves = {metric: {s: [(e["round"], e["sites"][s]["metrics"][metric]) for e in doc["rounds"]
+                           if e["round"] > 0 and (e["sites"].get(s) or {}).get("metrics")
+                           and e["sites"][s]["metrics"].get(metric) is not None] for s in sites}
+              for metric in METRICS}
+    if not any(pts for by_site in curves.values() for pts in by_site.values()):
+        return None
     import matplotlib
     import matplotlib.ticker
 
@@ -222,19 +343,18 @@ def plot(doc: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 3.6))
-    sites = doc["participants"] or [m["site"] for m in doc["members"]]
     for ax, metric in zip(axes, METRICS):
-        for s in sites:
-            pts = [(e["round"], e["sites"][s]["metrics"][metric]) for e in doc["rounds"]
-                   if e["round"] > 0 and e["sites"].get(s, {}).get("metrics")
-                   and e["sites"][s]["metrics"].get(metric) is not None]
+        for s, pts in curves[metric].items():
             if pts:
                 ax.plot(*zip(*pts), marker="o", label=s)
         ax.set_title(metric.replace("_", " "))
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+            break
     fig.suptitle(f"federation {doc['federation']['id'][:8]}")
     fig.tight_layout()
     path = Path(path)

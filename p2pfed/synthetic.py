@@ -31,6 +31,11 @@ DEFAULT_SIZE = {2: (48, 48), 3: (24, 32, 32)}  # voxels at the nominal spacing
 NOMINAL_SPACING = {2: (999.0, 1.0, 1.0), 3: (3.0, 1.0, 1.0)}
 DEFAULT_TRAIN_CASES = (6, 10, 4, 8, 5, 7)
 
+
+def trainable_cases(i: int) -> int:
+    """Site i's default training cases, at least 5: nnU-Net's 5-fold split (and init/join) need them."""
+    return max(5, DEFAULT_TRAIN_CASES[i % len(DEFAULT_TRAIN_CASES)])
+
 # Hand-picked scanners for the first sites, so that the federation is heterogeneous by
 # construction (further sites are drawn at random): in-plane spacing (y, x), slice
 # spacing (3-D), zero margin per side, organ scale, lesions per case, CT offset (HU),

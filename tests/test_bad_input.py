@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,13 +51,13 @@ def broken_dataset(damage):
     return prepare
 
 
-def tick(setup=lambda fed, mp: None, site="site0", n=1, **settings):
+def tick(setup=lambda fed, mp: None, site="site0", n=1, until_=None, **settings):
     """`p2pfed round` of a one-site asym federation from tests/factory.py, after
     setup(fed, mp). (Asym: a real FFE tick would compute a fingerprint with nnU-Net.)"""
     def prepare(tmp, mp):
         fed = factory.make(tmp, n=n, **{"mode": "asym", **settings})
         setup(fed, mp)
-        return ["round", "--site", site, "--home", fed.home]
+        return ["round", "--site", site, "--home", fed.home] + (["--until", until_] if until_ else [])
     return prepare
 
 
@@ -150,6 +151,27 @@ def unwritable_home(tmp, mp):
     return args[:-1] + [tmp / "file" / "home"]
 
 
+def admit_by_non_member(tmp, mp):
+    """b and c are still pending: b cannot admit c."""
+    cli(*init()(tmp, mp))
+    for site, dataset in (("b", 2), ("c", 3)):
+        cli("join", tmp / "shared", *site_args(tmp, site, dataset))
+    return ["admit", "c", "--site", "b", "--home", tmp / "home"]
+
+
+def started(tmp: Path) -> None:
+    """Site a's federation of one site, started (the start seal exists)."""
+    cli("init", tmp / "shared", *site_args(tmp, "a", 1), "--sites", 1)
+    home, _, view = node.open_site(tmp / "home", "a")
+    objects.put_record(view, layout.FINGERPRINT_SEAL, "fingerprint-seal",
+                       {"participants": ["a"], "sealed_at": 0}, home.identity())
+
+
+def join_started(tmp, mp):
+    started(tmp)
+    return ["join", tmp / "shared", *site_args(tmp, "b", 2)]
+
+
 def rm(pattern):
     return lambda folder: [p.unlink() for p in sorted(folder.glob(pattern))]
 
@@ -164,12 +186,18 @@ CASES = {
                                        "--max-update-norm needs --mode ffe"),
     "unknown mode": (init("--mode", "fedprox"), 2, "--mode must be one of ffe, asym"),
     "admit without a join request": (admit_ghost, 2, "no pending join request from 'ghost'"),
+    "status without --site or --storage": (lambda t, mp: ["status", "--home", t / "home"], 2,
+                                           "(hint: e.g. `p2pfed status --site uka`; see `p2pfed status --help`)"),
+    "round with an unknown --until": (tick(lambda fed, mp: None, until_="final"), 2,
+                                      "(hint: leave --until out, or give --until plan)"),
     # setup: exit 3
     "second init on the same storage": (second_init, 3, "a federation already exists at"),
     "join a storage without federation": (lambda t, mp: ["join", t / "empty", *site_args(t, "b", 2)], 3,
                                           "no federation at"),
     "nnUNet_raw neither given nor set": (no_raw_flag, 3, "nnUNet_raw is not set"),
     "unwritable home": (unwritable_home, 3, "cannot write the site home"),
+    "admit by a site that is not a member": (admit_by_non_member, 3, "ask a member (a) to run `p2pfed admit c`"),
+    "join a federation that has started": (join_started, 3, "has started; it admits no new sites"),
     "tick as a site not set up here": (tick(site="site7"), 3, "site 'site7' is not set up in"),
     "private key missing": (tick(site_file("signing.pem", None)), 3, "signing.pem is missing"),
     "corrupt local state": (tick(site_file("state.json", b"{\"round\": ")), 3, "state.json is corrupt"),

@@ -152,6 +152,11 @@ def test_status_plot_and_idle_tick(ffe_run, tmp_path):
 def test_asym_on_s3_with_interleaved_ticks(s3_endpoint, tmp_path):
     storage = new_bucket(s3_endpoint)
     sim = simulate.setup(tmp_path, 3, storage=storage, init_args=TINY + ["--mode", "asym", "--no-final-validation"])
+    # SiteA's first tick plans and trains round 1 (asym needs nobody else for that), as cron runs it
+    quiet = sim.cli("round", "--site", "SiteA", "--quiet")
+    assert quiet.stdout.count("\n") == 1 and quiet.stdout.startswith("SiteA: ") and quiet.stderr == "", quiet
+    log = (sim.home / "sites" / "SiteA" / "tick.log").read_text()
+    assert "Epoch 0" in log and "train_loss" in log and "SiteA: committed round 1" in log  # nnU-Net's and ours
     rotate = lambda sweep: sim.sites[sweep % 3:] + sim.sites[:sweep % 3]  # noqa: E731
     doc = simulate.run_until_done(sim, say=lambda line: None, order=rotate)
     assert doc["phase"]["name"] == "done" and sorted(doc["final"]) == ["SiteA", "SiteB", "SiteC"]

@@ -21,7 +21,7 @@ from ..contribution import parse_commit
 from ..wait import Wait
 from . import merge
 
-NAME = "rounds"
+NAME = "round"
 STEPS = ("merge", "train", "upload", "seal")
 
 
