@@ -308,7 +308,7 @@ def _tick(home, site, say, until=None, endpoint=None, to_log=False):
     output = _output_into(site_home.dir / "tick.log") if to_log else contextlib.redirect_stdout(sys.stderr)
     try:
         with site_home.lock(), output:
-            home_, config, fed = node.open_site(home, site, endpoint)
+            home_, config, fed = node.open_site(home, site, endpoint, cached=True)
             bar, update = _progress_bar()
             if bar is None:
                 return Tick(home_, config, fed, say=say, stop_after=until).run()

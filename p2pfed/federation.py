@@ -9,10 +9,12 @@ import secrets
 import time
 from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
+from pathlib import Path
 
 from . import layout
 from .crypto import Identity, PublicIdentity, open_record, record_signer, sha256_hex, sign_record
 from .errors import IntegrityError, SetupError, UsageError
+from .site import atomic_write
 from .storage import Storage
 
 FORMAT = 1
@@ -202,11 +204,13 @@ def same_fingerprint(given: str, expected: str) -> bool:
 
 
 # --------------------------------------------------------------------------- loading
-def load(storage: Storage, pinned_genesis: str | None = None) -> Federation:
+def load(storage: Storage, pinned_genesis: str | None = None, cache: Path | None = None) -> Federation:
     """Read and verify federation.json, members and join requests.
 
     `pinned_genesis` is the sha256 a site recorded at init/join: a replaced or rolled
-    back federation.json is refused."""
+    back federation.json is refused. `cache`: a folder of member records this site has
+    verified before; a tick reads those from it instead of the storage (a member list
+    is still listed every time, so a deleted member is noticed; `verify` re-reads all)."""
     try:
         data = storage.get(layout.FEDERATION)
     except FileNotFoundError:
@@ -228,18 +232,19 @@ def load(storage: Storage, pinned_genesis: str | None = None) -> Federation:
     fed = Federation(storage, body["federation"], genesis_sha, Settings.from_json(body["settings"]),
                      founder.site, body.get("versions", {}), int(body.get("created", 0)),
                      body.get("dataset_schema", {}))
-    _load_members(fed, founder)
+    _load_members(fed, founder, cache)
     _load_pending(fed)
     return fed
 
 
-def _load_members(fed: Federation, founder: PublicIdentity) -> None:
+def _load_members(fed: Federation, founder: PublicIdentity, cache: Path | None = None) -> None:
     """Accept member records in admission order: each must be signed by an accepted member,
     with the founder (pinned by federation.json) as the root."""
     records = {}
     for key in fed.storage.list_prefix("members"):
         site = key[len("members/"):-len(".json")]
-        records[site] = (key, fed.storage.get(key))
+        kept = cache / key if cache else None
+        records[site] = (key, kept.read_bytes() if kept and kept.exists() else fed.storage.get(key))
     fed.members = {founder.site: founder}
     fed.admitted_by = {}
     progress = True
@@ -262,6 +267,11 @@ def _load_members(fed: Federation, founder: PublicIdentity) -> None:
     if orphans:
         raise IntegrityError(f"members/{orphans[0]}.json is not signed by a member",
                              "someone wrote a forged member record; run `p2pfed verify`")
+    if cache is not None:
+        for key, data in records.values():
+            if not (cache / key).exists():
+                (cache / key).parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(cache / key, data)
 
 
 def _load_pending(fed: Federation) -> None:

@@ -134,16 +134,18 @@ def refuse_if_started(fed: Federation) -> None:
                          "it admits no new sites", "ask its members to start a new federation with you")
 
 
-def open_site(home_dir: str | None, site: str, endpoint: str | None = None) -> tuple[SiteHome, SiteConfig, Federation]:
+def open_site(home_dir: str | None, site: str, endpoint: str | None = None,
+              cached: bool = False) -> tuple[SiteHome, SiteConfig, Federation]:
     """Load a site's home and its verified view of the federation, with pins checked.
 
     `endpoint` overrides the one recorded at init/join. The recorded region and profile
-    apply unless this environment sets its own."""
+    apply unless this environment sets its own. `cached` (ticks): member records this
+    site verified before are read from its home, not fetched again."""
     home = SiteHome(home_dir, site)
     config = home.config()
     _recorded_aws_settings(config)
     storage = open_storage(config.storage, endpoint or config.endpoint_url)
-    fed = fedmod.load(storage, pinned_genesis=config.genesis_sha256)
+    fed = fedmod.load(storage, pinned_genesis=config.genesis_sha256, cache=home.dir / "cache" if cached else None)
     state = home.state()
     pins = fedmod.check_pins(fed, state.get("known_members", {}))
     if pins != state.get("known_members"):

@@ -110,7 +110,7 @@ class Fed:
 
     def tick(self, site: str, trainer: type = NumpyTrainer, **options) -> Tick:
         """A site's tick with a fresh, verified view of the federation."""
-        home, config, fed = node.open_site(self.home, site)
+        home, config, fed = node.open_site(self.home, site, cached=True)
         return Tick(home, config, fed, trainer=trainer(site, home), **options)
 
     def run(self, site: str, trainer: type = NumpyTrainer, **options) -> Report:
@@ -181,7 +181,7 @@ def keys(fed: Fed) -> list[str]:
 
 def main(home: str, site: str) -> None:
     with SiteHome(home, site).lock():
-        home_, config, fed = node.open_site(home, site)
+        home_, config, fed = node.open_site(home, site, cached=True)
         report = Tick(home_, config, fed, trainer=NumpyTrainer(site, home_)).run()
     print(json.dumps(report.to_json()))
 

@@ -94,6 +94,15 @@ def test_an_older_seal_replayed_is_refused(fed):
     refused(fed, 2, "field 'name' is 'rounds/00001/SEAL.json', expected 'rounds/00002/SEAL.json'")
 
 
+def test_a_seal_that_moves_its_round_opening_is_refused(fed):
+    """opened_at is fixed by the previous seal's sealed_at; a seal that claims another
+    (to make an early deadline seal look late) is refused, by every site."""
+    body = json.loads(fed.path(layout.seal(2)).read_text())["body"]
+    author = node.open_site(fed.home, body["author"])[0].identity()
+    fed.path(layout.seal(2)).write_bytes(sign_record(body | {"opened_at": body["opened_at"] - 86400}, author))
+    refused(fed, 2, "rounds/00002/SEAL.json: claims round 2 opened at")
+
+
 def test_an_object_from_another_federation_is_refused(fed, tmp_path_factory):
     """Same site names, same keys paths, another federation: its signatures do not verify."""
     other = factory.make(tmp_path_factory.mktemp("other"))

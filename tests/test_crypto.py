@@ -1,6 +1,8 @@
 """Envelopes and signed records: what they accept and everything they must refuse."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from p2pfed import crypto
@@ -97,3 +99,17 @@ def test_fingerprint_is_stable_and_key_dependent():
     pub = A.public()
     assert pub.fingerprint() == crypto.PublicIdentity.from_json(pub.to_json()).fingerprint()
     assert pub.fingerprint() != B.public().fingerprint() and len(pub.fingerprint()) == 64
+
+
+@pytest.mark.parametrize("recipients", [["b"], "b", {"b": 1}, None])
+def test_a_member_signed_header_with_malformed_recipients_is_refused(recipients):
+    """A member signs an envelope whose recipients are not a map of site -> wrapped key:
+    an integrity error, never an AttributeError or a substring 'membership' test."""
+    blob = seal()
+    _, version, suite, hlen = crypto.PREFIX.unpack_from(blob)
+    head = json.loads(blob[crypto.PREFIX.size:crypto.PREFIX.size + hlen])
+    raw = crypto.canonical_json({**head, "recipients": recipients})
+    prefix = crypto.PREFIX.pack(crypto.MAGIC, version, suite, len(raw)) + raw
+    forged = prefix + A.sign(crypto.ENVELOPE_DOMAIN + prefix) + blob[crypto.PREFIX.size + hlen + crypto.SIG_LEN:]
+    with pytest.raises(IntegrityError, match="obj: envelope header has a malformed recipients list"):
+        open_(forged)

@@ -89,8 +89,23 @@ def overlapping():
     return blob.replace(b'"data_offsets":[8,16]', b'"data_offsets":[4,12]')
 
 
+def with_header(blob, change):
+    """The same shard with its safetensors header changed by change(header)."""
+    h = header(blob)
+    change(h)
+    raw = json.dumps(h).encode()
+    return len(raw).to_bytes(8, "little") + raw + blob[8 + int.from_bytes(blob[:8], "little"):]
+
+
+EMPTY = forged({"w": np.zeros(0, np.float32)}, {"names": {"w": ["w"]}, "version": 1})
+
+
 @pytest.mark.parametrize("blob, match", [
     (b"not a shard at all", "not a p2pfed shard"),
+    # 2**64 elements wrap to 0 in int64: the shape must not pass as an empty tensor
+    (with_header(EMPTY, lambda h: h["w"].update(shape=[2 ** 32, 2 ** 32])), "inconsistent shape and offsets"),
+    (with_header(EMPTY, lambda h: h["w"].update(shape=[-1, 0])), "inconsistent shape and offsets"),
+    (with_header(EMPTY, lambda h: h["w"].update(shape="[0]")), "inconsistent shape and offsets"),
     (safetensors.numpy.save({"w": np.ones(2, np.float32)}), "lacks p2pfed metadata"),
     (forged({"w": np.ones(2, np.float32)}, {"names": {"w": ["w"]}, "version": 1})[:-1], "does not fill"),
     (overlapping(), "holes or overlaps"),

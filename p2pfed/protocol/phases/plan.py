@@ -14,6 +14,8 @@ NAME = "plan"
 
 def advance(t) -> str | None:
     v, me = t.view, t.site
+    if t.state.get("plan_done"):
+        return None
     if t.state.get("plan_sha256") is None:
         plans = t.trainer.plan(federated_fingerprint(t) if t.mode.shares_statistics else None)
         summary = ffe.plan_summary(plans)
@@ -23,9 +25,9 @@ def advance(t) -> str | None:
     if not v.has(layout.plan_hash(me)):
         t.write.record(layout.plan_hash(me), "plan-hash", {"plan_sha256": t.state["plan_sha256"]})
         return "published plan hash"
-    if t.mode.plans_must_agree and not t.state.get("plans_agreed"):
+    if t.mode.plans_must_agree:
         _check_agreement(t)
-        t.save(plans_agreed=True)
+    t.save(plan_done=True)  # published, and agreed where it must be: never looked at again
     return None
 
 
