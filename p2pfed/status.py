@@ -218,6 +218,13 @@ def render(doc: dict, console) -> None:
     console.print(f"[bold]Phase:[/] {where}" + (f"; waiting for {', '.join(phase['waiting_for'])}"
                                                  if phase["waiting_for"] else ""))
     _render_progress(doc, console)
+    for part in (_members_table, _plans_table, _rounds_table, _final_table):
+        table = part(doc, Table)
+        if table is not None:
+            console.print(table)
+
+
+def _members_table(doc: dict, Table):
     members = Table(title="Members")
     for col in ("site", "fingerprint", "admitted by", "plan"):
         members.add_column(col)
@@ -226,7 +233,11 @@ def render(doc: dict, console) -> None:
                         (doc["plans"].get(m["site"]) or "-")[:12])
     for p in doc["pending"]:
         members.add_row(p["site"], grouped(p["fingerprint"]), "[yellow]pending[/]", "-")
-    console.print(members)
+    return members
+
+
+def _plans_table(doc: dict, Table):
+    st = doc["federation"]["settings"]
     if doc.get("plan_details"):
         plans = Table(title=f"Plans ({st['configuration']})")
         for col in ("site", "network", "stages", "patch size", "spacing", "batch"):
@@ -235,7 +246,10 @@ def render(doc: dict, console) -> None:
             if d:
                 plans.add_row(site, d["network"], _fmt(d["n_stages"]), "x".join(map(str, d["patch_size"] or [])),
                               "x".join(f"{v:.3g}" for v in d["spacing"] or []), _fmt(d["batch_size"]))
-        console.print(plans)
+        return plans
+
+
+def _rounds_table(doc: dict, Table):
     if doc["rounds"]:
         sites = doc["participants"] or [m["site"] for m in doc["members"]]
         # public status cannot decrypt metrics: its cells say who committed, and so does the title
@@ -266,7 +280,10 @@ def render(doc: dict, console) -> None:
             if e.get("excluded"):
                 agreed += f"; [red]excluded {', '.join(sorted(e['excluded']))}[/]"
             table.add_row(str(e["round"]) + ("" if e["sealed"] else " (open)"), *cells, agreed)
-        console.print(table)
+        return table
+
+
+def _final_table(doc: dict, Table):
     if doc["final"]:
         final = Table(title="Final models (local validation Dice)")
         final.add_column("site")
@@ -275,7 +292,7 @@ def render(doc: dict, console) -> None:
         for s, f in sorted(doc["final"].items()):
             dice = (f or {}).get("validation_dice") or {}
             final.add_row(s, ((f or {}).get("model") or "-")[:16], _fmt(dice.get("foreground")) if dice else "-")
-        console.print(final)
+        return final
 
 
 def _render_progress(doc: dict, console) -> None:
