@@ -409,9 +409,10 @@ def verify(
     site: str = SiteOpt, endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
 ):
-    """Check every signature, hash and envelope in the shared storage. Exit 6 if anything fails."""
+    """Check every signature, hash and envelope in the shared storage, and that every site
+    merged every round alike. Exit 6 if an object fails, 7 if sites merged differently."""
     from p2pfed import node
-    from p2pfed.errors import IntegrityError
+    from p2pfed.errors import FederationHalted, IntegrityError
     from p2pfed.verify import verify_storage
 
     home_, _, fed = node.open_site(home, site, endpoint)
@@ -423,6 +424,10 @@ def verify(
         for f in bad:
             err.print(f"BAD {f.key}: {f.detail}", markup=False, soft_wrap=True)
         out.print(f"{len(findings)} objects checked, {len(bad)} bad.")
+    forks = [f for f in bad if f.disagreement]
+    if forks:
+        raise FederationHalted(f"{forks[0].detail}", "the sites hold different models; compare their p2pfed "
+                               "versions and what each saw of the storage (`p2pfed status`)")
     if bad:
         raise IntegrityError(f"{len(bad)} bad object(s), first: {bad[0].key}: {bad[0].detail}")
 

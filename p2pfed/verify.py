@@ -17,6 +17,7 @@ class Finding:
     key: str
     ok: bool
     detail: str
+    disagreement: bool = False  # sites computed different merges: a person must look (exit 7)
 
 
 def verify_storage(fed: Federation, reader: Identity | None, progress=None) -> list[Finding]:
@@ -25,23 +26,38 @@ def verify_storage(fed: Federation, reader: Identity | None, progress=None) -> l
     Each object is downloaded once: what commits and seals list is checked at the end
     against the hashes of the objects as they were read."""
     keys = [k for k in fed.storage.list_prefix("") if not k.startswith("probe/")]
-    findings, hashes, listed = {}, {}, []
+    findings, hashes, listed, merges = {}, {}, [], {}
     for key in keys:
         if progress:
             progress(key)
         try:
             data = fed.storage.get(key)
             hashes[key] = sha256_hex(data)
-            findings[key] = Finding(key, True, _check(fed, key, data, reader, listed))
+            findings[key] = Finding(key, True, _check(fed, key, data, reader, listed, merges))
         except P2PFedError as exc:
             findings[key] = Finding(key, False, exc.message)
     for key, ref_key, sha in listed:
         if hashes.get(ref_key) != sha and findings[key].ok:
             findings[key] = Finding(key, False, f"{key}: lists {ref_key}, which is missing or differs")
+    _compare_merges(merges, findings)
     return list(findings.values())
 
 
-def _check(fed: Federation, key: str, data: bytes, reader: Identity | None, listed: list) -> str:
+def _compare_merges(merges: dict[str, str], findings: dict[str, Finding]) -> None:
+    """Every site's merge record of a round must hold the same result: sites that hold
+    different models (a fork) fail verify even when every object is validly signed."""
+    by_round: dict[int, dict[str, str]] = {}
+    for key, result in merges.items():
+        if findings[key].ok:
+            by_round.setdefault(layout.round_of(key), {})[key] = result
+    for r, results in sorted(by_round.items()):
+        if len(set(results.values())) > 1:
+            summary = ", ".join(f"{kind_of(k)[2]}: {str(v)[:12]}" for k, v in sorted(results.items()))
+            for key in results:
+                findings[key] = Finding(key, False, f"round {r}: sites merged differently ({summary})", True)
+
+
+def _check(fed: Federation, key: str, data: bytes, reader: Identity | None, listed: list, merges: dict) -> str:
     kind = kind_of(key)
     if kind is None:
         raise IntegrityError(f"{key}: not an object of the p2pfed protocol")
@@ -51,6 +67,8 @@ def _check(fed: Federation, key: str, data: bytes, reader: Identity | None, list
     if not envelope:
         body = read_record(fed, key, name, author, data=data)
         listed.extend((key, ref_key, sha) for ref_key, sha in _references(key, name, author, body))
+        if name == "merged":
+            merges[key] = body.get("result")
         return f"{name} record, signed by {author or 'a member'}"
     header = verify_envelope(data, authors=fed.members, name=key,
                              expect={"federation": fed.id, "kind": name, "name": key, "author": author})

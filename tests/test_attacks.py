@@ -27,7 +27,9 @@ from p2pfed.merge import asym_fedavg
 from p2pfed.protocol import CLOCK_SKEW_S
 from p2pfed.protocol.phases import merge
 from p2pfed.shards import model_hash
+from p2pfed.cli.app import app
 from p2pfed.verify import verify_storage
+from typer.testing import CliRunner
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +163,9 @@ def test_an_equivocating_seal_is_caught_by_the_merge_comparison(tmp_path):
     fed.path(layout.seal(1)).write_bytes(sign_record(lost, node.open_site(fed.home, "site1")[0].identity()))
     with pytest.raises(FederationHalted, match="round 1: the merge computed by site0 differs from site2's"):
         fed.run("site2")
+    # the fork is in the storage for anyone to see: verify fails with exit 7, naming the round
+    result = CliRunner().invoke(app, ["verify", "--site", "site0", "--home", str(fed.home)])
+    assert result.exit_code == 7 and "round 1: sites merged differently (site0: " in result.output
 
 
 # --------------------------------------------------------------------------- members
