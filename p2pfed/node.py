@@ -81,10 +81,12 @@ def init(storage_url: str, opts: LocalOptions, settings: Settings) -> tuple[Site
     if storage.exists(layout.FEDERATION):
         raise SetupError(f"a federation already exists at {storage.url}",
                          "use `p2pfed join` to join it, or pick another storage location")
-    probe(storage)
     identity = Identity.generate(opts.site)
     check_trainable(folders["nnunet_raw"], folders["nnunet_preprocessed"], opts.dataset, settings.fold)
     schema = {k: v for k, v in info.items() if k != "numTraining"}
+    # The probe is the first write, after every local check: a mistake found here leaves
+    # nothing in the storage (objects cannot be deleted there). See docs/design.md, section 2.
+    probe(storage)
     fed_id, genesis = fedmod.create(storage, identity, settings, schema)
     return _save(home, opts, folders, identity, storage, fed_id, genesis), identity.public()
 

@@ -245,6 +245,17 @@ def test_init_into_a_missing_bucket_is_a_storage_error_naming_it(s3_server, tmp_
         assert f"access denied to {url}" in last, last
 
 
+def test_failed_init_leaves_nothing_in_the_storage(s3_server, tmp_path):
+    """Objects cannot be deleted through the storage interface, so init writes nothing
+    (not even its create-only probe) before every local check has passed."""
+    url = new_bucket(s3_server)
+    args = site_args(tmp_path, "a", 1)
+    rm("labelsTr/c0.nii.gz")(tmp_path / "a" / "raw" / "Dataset001_S1")  # 4 labelled cases
+    code, last = run_cli(["init", url, *args])
+    assert code == 4 and "has 4 labelled training cases" in last, last
+    assert storage.open_storage(url).list_prefix("") == []
+
+
 def drop_label(folder):
     sorted((folder / "labelsTr").iterdir())[0].unlink()
 
