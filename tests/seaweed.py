@@ -72,6 +72,7 @@ class Weed:
 
     root: Path
     endpoint: str = ""
+    master: str = ""  # the master's HTTP URL
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
     args: dict[str, list[str]] = field(default_factory=dict)
     taken: set[int] = field(default_factory=set)
@@ -95,6 +96,16 @@ class Weed:
         proc = self.procs.pop(name)
         proc.send_signal(signal.SIGKILL)  # weed does not exit on SIGTERM within seconds
         proc.wait()
+
+    def data_nodes(self) -> list[str]:
+        """The volume servers the master currently counts as alive."""
+        import json
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.master}/dir/status", timeout=5) as reply:
+            topology = json.load(reply)["Topology"]
+        return [node["Url"] for dc in topology["DataCenters"] for rack in dc["Racks"]
+                for node in rack["DataNodes"]]
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         """Until a bucket can be made and an object written through S3 (volumes registered)."""
@@ -137,7 +148,7 @@ def server() -> Weed:
     """One `weed server` process: master, volume, filer and S3 gateway."""
     weed = Weed(_new_root())
     master, volume, filer, s3 = (weed.port() for _ in range(4))
-    weed.endpoint = f"http://127.0.0.1:{s3}"
+    weed.endpoint, weed.master = f"http://127.0.0.1:{s3}", f"http://127.0.0.1:{master}"
     weed.start("server", ["server", f"-dir={weed.root}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                           f"-master.port={master}", f"-master.volumeSizeLimitMB={VOLUME_MB}",
                           f"-volume.port={volume}", "-volume.max=0", "-filer", f"-filer.port={filer}",
@@ -151,7 +162,7 @@ def cluster(volumes: int = 3, replication: str = "001") -> Weed:
     weed = Weed(_new_root())
     master, filer, s3 = weed.port(), weed.port(), weed.port()
     mserver = f"127.0.0.1:{master}"
-    weed.endpoint = f"http://127.0.0.1:{s3}"
+    weed.endpoint, weed.master = f"http://127.0.0.1:{s3}", f"http://127.0.0.1:{master}"
     (weed.root / "master").mkdir()
     weed.start("master", ["master", f"-mdir={weed.root / 'master'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                           f"-port={master}", f"-defaultReplication={replication}", f"-volumeSizeLimitMB={VOLUME_MB}",
