@@ -85,8 +85,10 @@ class Storage:
     def _raw_put_new(self, key: str, data: bytes) -> None: raise NotImplementedError
 
 
-# Exceptions of these packages come from the backend or the network, never from our code.
-_BACKEND_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "urllib3", "yarl")
+# Exceptions of these packages come from the backend or the network, never from our code
+# (asyncio, http: IncompleteReadError and IncompleteRead are not OSErrors).
+_BACKEND_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "urllib3", "yarl",
+                    "asyncio", "http")
 
 
 def _chain(exc: BaseException):

@@ -2,6 +2,7 @@
 loopback (moto's S3 server and SeaweedFS, a production distributed object store)."""
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
@@ -153,6 +154,21 @@ def test_bug_in_a_backend_operation_propagates(monkeypatch):
 
     with pytest.raises(AttributeError):
         Buggy().get("absent")
+
+
+def test_network_errors_that_are_not_oserrors_are_retried(monkeypatch):
+    """asyncio.IncompleteReadError (a body cut short) is an EOFError, not an OSError."""
+    monkeypatch.setattr("p2pfed.storage.BACKOFF_S", 0)
+
+    class CutShort(Flaky):
+        def _raw_get(self, key):
+            self.calls += 1
+            if self.calls == 1:
+                raise asyncio.IncompleteReadError(b"par", 7)
+            return b"partial"
+
+    st = CutShort()
+    assert st.get("k") == b"partial" and st.calls == 2
 
 
 def test_unreachable_endpoint_is_one_clear_error(monkeypatch):
