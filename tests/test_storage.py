@@ -45,6 +45,19 @@ def test_create_only_collision_is_file_exists_on_every_server(storage_url):
     assert st.get("k") == b"first"
 
 
+def test_largest_object_round_trips_create_only(storage_url):
+    """A full weight shard (p2pfed.shards caps them at 32 MiB, plus the envelope) is one
+    PutObject, below s3fs's 100 MiB multipart threshold: create-only holds for it too."""
+    from p2pfed.shards import DEFAULT_MAX_BYTES
+
+    st = open_storage(storage_url)
+    big = bytes(range(256)) * ((DEFAULT_MAX_BYTES + (1 << 16)) // 256)
+    st.put_new("rounds/00001/site/big.shard", big)
+    with pytest.raises(FileExistsError):
+        st.put_new("rounds/00001/site/big.shard", big[:-1] + b"x")
+    assert st.get("rounds/00001/site/big.shard") == big
+
+
 def test_probe_accepts_every_backend_and_leaves_one_object(storage_url):
     st = open_storage(storage_url)
     probe(st)
