@@ -43,7 +43,7 @@ class StorageError(P2PFedError):
     """Shared storage unreachable, misconfigured or not supporting create-only writes."""
 
     exit_code = 5
-    default_hint = "check the storage URL, credentials and network; cron will retry"
+    default_hint = "check the storage URL, credentials and network; a tick run by cron retries by itself"
 
 
 class IntegrityError(P2PFedError):

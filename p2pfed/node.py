@@ -96,10 +96,12 @@ def init(storage_url: str, opts: LocalOptions, settings: Settings) -> tuple[Site
         if storage.exists(layout.FEDERATION):
             raise SetupError(f"a federation already exists at {storage.url}",
                              "use `p2pfed join` to join it, or pick another storage location")
-        probe(storage)
         identity = Identity.generate(opts.site)
         check_trainable(folders["nnunet_raw"], folders["nnunet_preprocessed"], opts.dataset, settings.fold)
         schema = {k: v for k, v in info.items() if k != "numTraining"}
+        # The probe is the first write, after every local check: a mistake found here leaves
+        # nothing in the storage (objects cannot be deleted there). See docs/design.md, section 2.
+        probe(storage)
         fed_id, genesis = fedmod.genesis_record(identity, settings, schema)
         home.save_keys(identity)
         fedmod.publish(storage, fed_id, genesis, identity)

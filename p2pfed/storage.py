@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from .errors import StorageError
+from .errors import StorageError, UsageError
 
 T = TypeVar("T")
 RETRIES = int(os.environ.get("P2PFED_STORAGE_RETRIES", "6"))
@@ -29,7 +29,12 @@ class Storage:
     """Base: subclasses implement the _raw_* operations; retries live here once."""
 
     url: str
+    endpoint: str | None = None  # where the requests go, when that is not the URL itself
     atomic_create: bool = False
+
+    def at(self) -> str:
+        """' at ENDPOINT' for messages, or '' for a folder."""
+        return f" at {self.endpoint}" if self.endpoint else ""
 
     # -- interface -----------------------------------------------------------------------
     def get(self, key: str) -> bytes:
@@ -60,11 +65,17 @@ class Storage:
         for attempt in range(RETRIES + 1):
             try:
                 return op()
-            except (FileNotFoundError, FileExistsError):
+            except FileNotFoundError as exc:
+                if "NoSuchBucket" in _codes(exc):  # s3fs says "not found" for the bucket too
+                    raise _explain(exc, self, key) from None
+                raise
+            except FileExistsError:
                 raise
             except Exception as exc:  # classify: transient is retried, the rest explained
+                if not _from_backend(exc):
+                    raise  # a bug in our code (TypeError, KeyError...) must not read as an outage
                 if not _is_transient(exc) or attempt == RETRIES:
-                    raise _explain(exc, self.url, key) from None
+                    raise _explain(exc, self, key) from None
                 time.sleep(BACKOFF_S * (2 ** attempt) * (0.5 + random.random()))
         raise AssertionError("unreachable")
 
@@ -74,20 +85,40 @@ class Storage:
     def _raw_put_new(self, key: str, data: bytes) -> None: raise NotImplementedError
 
 
-def _error_code(exc: BaseException) -> str:
-    for e in (exc, exc.__cause__, exc.__context__):
+# Exceptions of these packages come from the backend or the network, never from our code
+# (asyncio, http: IncompleteReadError and IncompleteRead are not OSErrors).
+_BACKEND_MODULES = ("botocore", "aiobotocore", "aiohttp", "s3fs", "fsspec", "urllib3", "yarl",
+                    "asyncio", "http")
+
+
+def _chain(exc: BaseException):
+    """exc, then its causes and contexts (s3fs wraps botocore's error in an OSError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _from_backend(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) or type(exc).__module__.split(".")[0] in _BACKEND_MODULES
+
+
+def _codes(exc: BaseException) -> set[str]:
+    """S3 error codes and HTTP statuses found on the exception chain (botocore's `response`)."""
+    found = set()
+    for e in _chain(exc):
         resp = getattr(e, "response", None)
         if isinstance(resp, dict):
-            err = resp.get("Error", {})
-            status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            return str(err.get("Code") or status or "")
-    return ""
+            found.add(str(resp.get("Error", {}).get("Code") or ""))
+            found.add(str(resp.get("ResponseMetadata", {}).get("HTTPStatusCode") or ""))
+    return found - {""}
 
 
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (TimeoutError, ConnectionError)):
         return True
-    if _error_code(exc) in _TRANSIENT_CODES:
+    if _codes(exc) & _TRANSIENT_CODES:
         return True
     name = type(exc).__name__
     if any(s in name for s in ("Timeout", "Connection", "ServerDisconnected", "ClientPayload",
@@ -98,25 +129,29 @@ def _is_transient(exc: BaseException) -> bool:
                                    "Connection reset", "ConditionalRequestConflict"))
 
 
-def _explain(exc: BaseException, url: str, key: str) -> Exception:
+def _explain(exc: BaseException, storage: "Storage", key: str) -> Exception:
     """Turn a backend exception into a one-line StorageError with a hint."""
+    url = storage.url
     name, text = type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else ""
     if "NoCredentials" in name or "credentials" in text.lower():
         return StorageError(f"no credentials for {url}",
                             "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
-    if isinstance(exc, PermissionError) or _error_code(exc) in ("AccessDenied", "403",
-                                                                 "InvalidAccessKeyId",
-                                                                 "SignatureDoesNotMatch"):
+    if isinstance(exc, PermissionError) or _codes(exc) & {"AccessDenied", "403", "InvalidAccessKeyId",
+                                                          "SignatureDoesNotMatch"}:
         return StorageError(f"access denied to {url} ({key})",
                             "check the credentials and the bucket policy")
-    if _error_code(exc) in ("NoSuchBucket",) or "NoSuchBucket" in text:
-        return StorageError(f"bucket of {url} does not exist", "create the bucket first")
+    if "NoSuchBucket" in _codes(exc) or "NoSuchBucket" in text:
+        bucket = url.partition("://")[2].split("/")[0]
+        return StorageError(f"bucket {bucket!r} of {url} does not exist{storage.at()}",
+                            "create the bucket first, or check the bucket name and --endpoint")
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return StorageError(f"no space left on the storage {url} while writing {key}",
                             "free space on the shared folder; nothing was half-written")
     if _is_transient(exc):
-        return StorageError(f"storage {url} unreachable after {RETRIES} retries ({name})",
-                            "check the network or endpoint; cron will retry")
+        tries = f"{RETRIES} {'retry' if RETRIES == 1 else 'retries'}"
+        # neutral hint: this may be `init` at a terminal, not a tick under cron
+        return StorageError(f"storage {url} unreachable{storage.at()} after {tries} ({name})",
+                            "check the network and the endpoint URL; a tick run by cron retries by itself")
     return StorageError(f"storage error on {url} at {key}: {name}: {text}",
                         "check the storage URL and endpoint")
 
@@ -186,12 +221,13 @@ class FsspecStorage(Storage):
                                           "read_timeout": TIMEOUT_S})
             if endpoint:
                 options["endpoint_url"] = endpoint
+            self.endpoint = endpoint or "AWS's default S3 endpoint"
             self.atomic_create = True
         try:
             self.fs = fsspec.filesystem(protocol, **options)
-        except (ImportError, ValueError) as exc:
-            raise StorageError(f"unsupported storage URL {url!r}: {exc}",
-                               "use a folder path or s3://bucket/prefix") from None
+        except (ImportError, ValueError) as exc:  # a typo on the command line, not an outage
+            raise UsageError(f"unsupported storage URL {url!r}: {exc}",
+                             "use a folder path or s3://bucket/prefix") from None
         self.root = path.rstrip("/")
 
     def _path(self, key: str) -> str:
@@ -213,7 +249,15 @@ class FsspecStorage(Storage):
         return [p[strip:] for p in found if p.startswith(self.root + "/")]
 
     def _raw_put_new(self, key: str, data: bytes) -> None:
-        self.fs.pipe_file(self._path(key), data, mode="create")
+        try:
+            self.fs.pipe_file(self._path(key), data, mode="create")
+        except OSError as exc:
+            # If-None-Match: * is the write's only precondition, so a 412 means the key
+            # exists. s3fs says FileExistsError only when the reply names the condition
+            # (AWS does); SeaweedFS does not, and s3fs raises a plain OSError(EINVAL).
+            if _codes(exc) & {"PreconditionFailed", "412"}:
+                raise FileExistsError(errno.EEXIST, f"{key} exists (412 PreconditionFailed)") from exc
+            raise
 
 
 def open_storage(url: str, endpoint_url: str | None = None) -> Storage:

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real S3-protocol server on loopback, storage backends, site homes."""
+"""Shared fixtures: two real S3 servers on loopback (moto's, and SeaweedFS, a production
+object store), storage backends, site homes."""
 from __future__ import annotations
 
 import os
@@ -33,6 +34,27 @@ def s3_endpoint():
             os.environ[k] = v
 
 
+@pytest.fixture(scope="session")
+def seaweedfs():
+    """A real SeaweedFS (`weed server`: master, volume, filer, S3 gateway) on free loopback
+    ports for the session; SIGKILLed and its data folder deleted at the end."""
+    import seaweed
+
+    weed = seaweed.server()
+    yield weed.endpoint
+    weed.stop()
+
+
+@pytest.fixture
+def on_seaweedfs(seaweedfs, monkeypatch):
+    """Point this test (and the processes it starts) at SeaweedFS instead of moto."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", seaweedfs)
+    return seaweedfs
+
+
 def new_bucket(endpoint: str) -> str:
     import boto3
 
@@ -41,9 +63,18 @@ def new_bucket(endpoint: str) -> str:
     return f"s3://{name}/fed"
 
 
-@pytest.fixture(params=["local", "s3"])
+S3_SERVERS = {"moto": "s3_endpoint", "seaweedfs": "on_seaweedfs"}  # param -> fixture giving its endpoint
+
+
+@pytest.fixture(params=["local", *S3_SERVERS])
 def storage_url(request, tmp_path):
-    """A fresh, empty storage location on each backend."""
+    """A fresh, empty storage location on each backend; AWS_ENDPOINT_URL points at its server."""
     if request.param == "local":
         return str(tmp_path / "shared")
-    return new_bucket(request.getfixturevalue("s3_endpoint"))
+    return new_bucket(request.getfixturevalue(S3_SERVERS[request.param]))
+
+
+@pytest.fixture(params=list(S3_SERVERS))
+def s3_server(request):
+    """The endpoint of each real S3 server in turn (moto, SeaweedFS), AWS_* set for it."""
+    return request.getfixturevalue(S3_SERVERS[request.param])

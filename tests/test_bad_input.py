@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 import factory
 from p2pfed import federation, layout, node, objects, storage
 from p2pfed.cli.app import app
+from conftest import new_bucket
 from test_membership import cli, site_args
 
 LINE = re.compile(r"^p2pfed: error: .+ \(hint: .+\)$")
@@ -227,13 +228,13 @@ CASES = {
                                               "site b: dataset.json channel_names is"),
     "file ending differs from the federation's": (join({"file_ending": ".mha"}), 4,
                                                   "site b: dataset.json file_ending is"),
-    # storage: exit 5
-    "unsupported storage URL": (lambda t, mp: ["init", "nosuch://x", *site_args(t, "a", 1)], 5,
+    "unsupported storage URL": (lambda t, mp: ["init", "nosuch://x", *site_args(t, "a", 1)], 2,
                                 "unsupported storage URL 'nosuch://x'"),
+    # storage: exit 5
     "storage without create-only writes": (lambda t, mp: ["init", "memory://fed", *site_args(t, "a", 1)], 5,
                                            "cannot do atomic create-only writes"),
     "missing credentials": (no_credentials, 5, "no credentials for s3://bucket/fed"),
-    "unreachable endpoint": (unreachable, 5, "storage s3://bucket/fed unreachable after 1 retries"),
+    "unreachable endpoint": (unreachable, 5, "storage s3://bucket/fed unreachable at http://127.0.0.1:9 after 1 retry"),
     "disk full on the shared folder": (tick(storage_full), 5, "no space left on the storage"),
 }
 
@@ -245,6 +246,35 @@ def test_bad_input_is_one_line_with_its_exit_code(case, tmp_path, monkeypatch):
     last = result.output.strip().splitlines()[-1]
     assert (result.exit_code, message in last) == (code, True), result.output
     assert LINE.match(last) and "Traceback" not in result.output, result.output
+
+
+def run_cli(args) -> tuple[int, str]:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    last = result.output.strip().splitlines()[-1]
+    assert LINE.match(last) and "Traceback" not in result.output, result.output
+    return result.exit_code, last
+
+
+def test_init_into_a_missing_bucket_is_a_storage_error_naming_it(s3_server, tmp_path):
+    """s3fs reports moto's NoSuchBucket as FileNotFoundError ("no such key"), which used to
+    escape as an internal error (exit 1). SeaweedFS refuses an anonymous write into a
+    missing bucket with AccessDenied instead; both are one line, exit 5, naming the bucket."""
+    url = "s3://no-such-bucket-p2pfed/x"
+    code, last = run_cli(["init", url, *site_args(tmp_path, "a", 1), "--endpoint", s3_server])
+    assert code == 5 and url in last, last
+    if "bucket 'no-such-bucket-p2pfed' of" not in last:  # SeaweedFS
+        assert f"access denied to {url}" in last, last
+
+
+def test_failed_init_leaves_nothing_in_the_storage(s3_server, tmp_path):
+    """Objects cannot be deleted through the storage interface, so init writes nothing
+    (not even its create-only probe) before every local check has passed."""
+    url = new_bucket(s3_server)
+    args = site_args(tmp_path, "a", 1)
+    rm("labelsTr/c0.nii.gz")(tmp_path / "a" / "raw" / "Dataset001_S1")  # 4 labelled cases
+    code, last = run_cli(["init", url, *args])
+    assert code == 4 and "has 4 labelled training cases" in last, last
+    assert storage.open_storage(url).list_prefix("") == []
 
 
 def drop_label(folder):

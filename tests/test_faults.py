@@ -1,6 +1,7 @@
 """Storage faults and crashes (docs/design.md, section 8), on federations from tests/factory.py
 (the real protocol, numpy models instead of nnU-Net).
 
+- A federation on SeaweedFS (a real distributed object store) equals one on a folder.
 - A federation through tests/fault_proxy.py (5xx errors, throttling, connection resets,
   timeouts, slow responses, writes whose response is lost) in front of the S3-protocol
   server finishes, with exactly the objects and models of a run without faults.
@@ -50,6 +51,23 @@ def test_a_federation_through_faulty_storage_loses_and_duplicates_nothing(s3_end
         proxy.close()
     assert final_models(faulty) == final_models(clean)
     assert set(proxy.counts) == set(FAULTS) | {"ok"} and proxy.injected >= 20, proxy.counts
+
+
+def test_a_federation_on_seaweedfs_matches_one_on_a_folder(on_seaweedfs, tmp_path):
+    """The whole protocol on a production object store: every site's merge of every round
+    agrees, verify passes, and objects and final models equal a run on a local folder."""
+    local = factory.make(tmp_path / "local", n=3)
+    local.run_all()
+    fed = factory.make(tmp_path / "seaweedfs", new_bucket(on_seaweedfs), n=3, endpoint=on_seaweedfs)
+    fed.run_all()
+    for r in (1, 2):
+        records = [fed.merged_record(s, r) for s in fed.sites]
+        assert len({rec["result"] for rec in records}) == 1
+        assert all(set(rec["per_site"]) == set(fed.sites) and set(rec["per_site"].values()) == {rec["own"]}
+                   for rec in records)
+    assert all_verified(fed)
+    assert factory.keys(fed) == factory.keys(local)
+    assert final_models(fed) == final_models(local)
 
 
 def tick(fed, site: str, crash: str | None) -> subprocess.CompletedProcess:

@@ -121,7 +121,8 @@ def test_histograms_that_do_not_fit_are_rejected(federation):
     half = ffe.histogram_payload(ranges, BINS, [np.full(BINS, 1.0 / BINS)])  # mass 1, site b has 4 cases
     with pytest.raises(ContributionRejected, match="site b: channel 0 histogram mass"):
         ffe.merge_fingerprint(summaries, {**histograms, "b": half})
-    with pytest.raises(ContributionRejected):
+    missing_c = r"histograms from \['a', 'b'\], summaries from \['a', 'b', 'c'\]"
+    with pytest.raises(ContributionRejected, match=missing_c):
         ffe.merge_fingerprint(summaries, {s: histograms[s] for s in ("a", "b")})
     garbled = {**histograms, "c": {**histograms["c"], "channels": [{"index": "AAAA", "weight": ""}]}}
     with pytest.raises(ContributionRejected, match="site c: malformed histogram"):

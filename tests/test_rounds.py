@@ -5,7 +5,7 @@ its own process as cron runs it.
   of 3 with a zero deadline, and one site that stops after planning and comes back at
   the end: it must catch up, all final models must be identical, verify must pass,
   and nnUNetv2_predict must run on a final results folder.
-- Asym on the S3-protocol server, with ticks interleaved in a rotating order.
+- Asym on each real S3 server (moto's, SeaweedFS), with ticks interleaved in a rotating order.
 """
 from __future__ import annotations
 
@@ -149,8 +149,8 @@ def test_status_plot_and_idle_tick(ffe_run, tmp_path):
     assert report["finished"] and report["actions"] == []
 
 
-def test_asym_on_s3_with_interleaved_ticks(s3_endpoint, tmp_path):
-    storage = new_bucket(s3_endpoint)
+def test_asym_on_s3_with_interleaved_ticks(s3_server, tmp_path):
+    storage = new_bucket(s3_server)
     sim = simulate.setup(tmp_path, 3, storage=storage, init_args=TINY + ["--mode", "asym", "--no-final-validation"])
     # SiteA's first tick plans and trains round 1 (asym needs nobody else for that), as cron runs it
     quiet = sim.cli("round", "--site", "SiteA", "--quiet")
