@@ -440,8 +440,12 @@ def simulate(
     sites: int = typer.Option(3, "--sites", help="Number of synthetic sites."),
     mode: str = typer.Option("ffe", "--mode", help="ffe or asym."),
     rounds: int = typer.Option(3, "--rounds", help="Federated rounds."),
-    iterations: int = typer.Option(10, "--iterations-per-epoch", help="nnU-Net iterations per epoch (tiny for a demo)."),
+    iterations: int = typer.Option(150, "--iterations-per-epoch", help="nnU-Net iterations per epoch (250 in "
+                                   "nnU-Net; 3 x 150 gets every site's Dice above 0.8 in minutes on a CPU)."),
     dim: int = typer.Option(2, "--dim", help="2 (2-D images, 2d configuration) or 3 (small volumes, 3d_fullres)."),
+    size: int = typer.Option(64, "--size", help="2-D image side in voxels at 1 mm (each site scales it to its "
+                             "spacing); large enough that the coarsest site's lesions are not a few voxels."),
+    cases: int = typer.Option(10, "--cases", help="Training cases per site; nnU-Net's fold 0 validates on a fifth."),
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic data."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Shared storage (default: WORKDIR/shared)."),
     no_final_validation: bool = NoFinalValidation, _final_validation: bool = FinalValidation,
@@ -454,11 +458,14 @@ def simulate(
         raise UsageError(f"{workdir} exists and is not empty", "remove it or give another WORKDIR")
     if dim not in (2, 3):
         raise UsageError("--dim must be 2 or 3")
+    if cases < 5:
+        raise UsageError("--cases must be at least 5", "nnU-Net's 5-fold split needs them")
     init_args = ["--mode", mode, "--rounds", str(rounds), "--iterations-per-epoch", str(iterations),
                  "--val-iterations", "2", "--configuration", "2d" if dim == 2 else "3d_fullres",
                  "--no-final-validation" if no_final_validation else "--final-validation"]
     out.print(f"Generating {sites} synthetic sites in {workdir} and forming the federation ...")
-    simulation = sim.setup(workdir, sites, storage=storage, init_args=init_args, dim=dim, seed=seed)
+    simulation = sim.setup(workdir, sites, storage=storage, init_args=init_args, dim=dim, seed=seed,
+                           n_train=cases, size=(size, size) if dim == 2 else None)
     started = time.monotonic()
     doc = sim.run_until_done(simulation, say=lambda line: out.print(line, markup=False))
     out.print(f"Finished in {time.monotonic() - started:.0f} s and {simulation.ticks} ticks.")
