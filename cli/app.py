@@ -349,7 +349,10 @@ def round_(
     if as_json:
         emit_json(report.to_json())
     else:
-        out.print(f"{site}: {report.message or 'done: ' + '; '.join(report.actions)}", markup=False)
+        # one line for the cron log: what this tick did, then what it waits for now
+        did = f"{'; '.join(report.actions)}; " if report.actions and report.message else \
+            "; ".join(report.actions) if report.actions else ""
+        out.print(f"{site}: {did}{report.message}", markup=False)
 
 
 @app.command()

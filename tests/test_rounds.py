@@ -154,7 +154,9 @@ def test_asym_on_s3_with_interleaved_ticks(s3_server, tmp_path):
     sim = simulate.setup(tmp_path, 3, storage=storage, init_args=TINY + ["--mode", "asym", "--no-final-validation"])
     # SiteA's first tick plans and trains round 1 (asym needs nobody else for that), as cron runs it
     quiet = sim.cli("round", "--site", "SiteA", "--quiet")
-    assert quiet.stdout.count("\n") == 1 and quiet.stdout.startswith("SiteA: ") and quiet.stderr == "", quiet
+    assert quiet.stdout.count("\n") == 1 and quiet.stderr == "", quiet
+    # the one line says what the tick did, then what it waits for
+    assert quiet.stdout.startswith("SiteA: ") and "committed round 1; round 1/2: waiting for" in quiet.stdout, quiet
     log = (sim.home / "sites" / "SiteA" / "tick.log").read_text()
     assert "Epoch 0" in log and "train_loss" in log and "SiteA: committed round 1" in log  # nnU-Net's and ours
     rotate = lambda sweep: sim.sites[sweep % 3:] + sim.sites[:sweep % 3]  # noqa: E731
