@@ -242,7 +242,9 @@ def _load_members(fed: Federation, founder: PublicIdentity, cache: Path | None =
     with the founder (pinned by federation.json) as the root."""
     records = {}
     for key in fed.storage.list_prefix("members"):
-        site = key[len("members/"):-len(".json")]
+        site = layout.site_of(key, "member")
+        if site is None:
+            continue  # not a member record's name: foreign junk, reported by `verify`
         kept = cache / key if cache else None
         records[site] = (key, kept.read_bytes() if kept and kept.exists() else fed.storage.get(key))
     fed.members = {founder.site: founder}
@@ -277,7 +279,9 @@ def _load_members(fed: Federation, founder: PublicIdentity, cache: Path | None =
 def _load_pending(fed: Federation) -> None:
     fed.pending = {}
     for key in fed.storage.list_prefix("joins"):
-        site = key[len("joins/"):-len(".json")]
+        site = layout.site_of(key, "join")
+        if site is None:
+            continue  # not a join request's name: foreign junk, reported by `verify`
         if site in fed.members:
             continue
         data = fed.storage.get(key)

@@ -107,6 +107,17 @@ def kind_of(key: str) -> tuple[str, bool, str | None] | None:
     return None
 
 
+def site_of(key: str, kind: str) -> str | None:
+    """The site a key of `kind` names (None if the key is not of that kind)."""
+    parsed = kind_of(key)
+    return parsed[2] if parsed and parsed[0] == kind else None
+
+
+def shard_plain_sha256(key: str) -> str:
+    """A shard is named by the sha256 of its plaintext (which its author signs)."""
+    return key.rsplit("/", 1)[1][:-len(".shard")]
+
+
 def sites_in(keys, kind: str) -> dict[str, str]:
     """site -> key for every key of `kind` among `keys`."""
     found = {}

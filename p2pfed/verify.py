@@ -73,7 +73,7 @@ def _check(fed: Federation, key: str, data: bytes, reader: Identity | None, list
     header = verify_envelope(data, authors=fed.members, name=key,
                              expect={"federation": fed.id, "kind": name, "name": key, "author": author})
     # a shard is named by its plaintext sha256, which its author signed in the header
-    if name == "shard" and key.rsplit("/", 1)[1] != f"{header.get('plaintext_sha256')}.shard":
+    if name == "shard" and layout.shard_plain_sha256(key) != header.get("plaintext_sha256"):
         raise IntegrityError(f"{key}: content does not match its name")
     if reader is not None and reader.site in header.get("recipients", {}):
         read_envelope(fed, key, name, reader, author, blob=data)  # decrypts, checks that hash

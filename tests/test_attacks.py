@@ -389,3 +389,14 @@ def test_clocks_skewed_by_minutes_still_seal(tmp_path, monkeypatch):
     early = body | {"sealed_at": body["opened_at"] + 3600 - CLOCK_SKEW_S - 1}
     fed.path(layout.seal(1)).write_bytes(sign_record(early, node.open_site(fed.home, "site0")[0].identity()))
     refused(fed, 1, "sealed with 2 contributions before the deadline", site="site1")
+
+
+def test_junk_under_members_and_joins_is_ignored_by_ticks_and_named_by_verify(fed):
+    """Anyone with write access can drop files there; a key that is not a member record's
+    or join request's name is not membership: ticks go on, verify reports it."""
+    for junk in ("members/notes.txt", "joins/site9/x.json"):
+        fed.path(junk).parent.mkdir(parents=True, exist_ok=True)
+        fed.path(junk).write_bytes(b"junk")
+    assert fed.run("site0").finished
+    assert bad_keys(fed) == {"members/notes.txt": "members/notes.txt: not an object of the p2pfed protocol",
+                             "joins/site9/x.json": "joins/site9/x.json: not an object of the p2pfed protocol"}

@@ -101,7 +101,7 @@ def read_shard_plain(view: View, me, r: int, site: str, ref: Ref) -> bytes:
     if crypto.sha256_hex(blob) != ref.sha256:
         raise IntegrityError(f"{ref.key}: not the shard the commit lists")
     plain = read_envelope(view.fed, ref.key, "shard", me, author=site, blob=blob, round=r)[1]
-    if ref.key.rsplit("/", 1)[1] != crypto.sha256_hex(plain) + ".shard":  # signed so by its author
+    if layout.shard_plain_sha256(ref.key) != crypto.sha256_hex(plain):  # signed so by its author
         raise ContributionRejected(f"site {site!r}: {ref.key} holds content that does not match its name")
     return plain
 
