@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from .errors import StorageError, UsageError
+from .errors import IntegrityError, StorageError, UsageError
 
 T = TypeVar("T")
 RETRIES = int(os.environ.get("P2PFED_STORAGE_RETRIES", "6"))
@@ -168,6 +168,15 @@ class LocalStorage(Storage):
     def _path(self, key: str) -> Path:
         if key.startswith("/") or ".." in key.split("/"):
             raise ValueError(f"bad storage key {key!r}")
+        # A symbolic link inside the shared folder would send reads and writes outside it
+        # (the root itself may be a link: that is the user's own mount choice).
+        path = self.root
+        for part in filter(None, key.split("/")):
+            path = path / part
+            if path.is_symlink():
+                raise IntegrityError(f"{key}: {path.relative_to(self.root)} is a symbolic link in the shared folder",
+                                     "someone changed the shared folder; remove the link, restore the object "
+                                     "and run `p2pfed verify`")
         return self.root / key
 
     def _raw_get(self, key: str) -> bytes:

@@ -400,3 +400,18 @@ def test_junk_under_members_and_joins_is_ignored_by_ticks_and_named_by_verify(fe
     assert fed.run("site0").finished
     assert bad_keys(fed) == {"members/notes.txt": "members/notes.txt: not an object of the p2pfed protocol",
                              "joins/site9/x.json": "joins/site9/x.json: not an object of the p2pfed protocol"}
+
+
+def test_symbolic_links_in_a_shared_folder_are_refused(fed, tmp_path_factory):
+    """The operator of a shared folder links an object, or a round's folder, elsewhere:
+    reads through it are refused naming the link, and nothing is written outside."""
+    outside = tmp_path_factory.mktemp("outside")
+    commit = fed.path(layout.commit(2, "site1"))
+    (outside / "COMMIT.json").write_bytes(commit.read_bytes())
+    commit.unlink()
+    commit.symlink_to(outside / "COMMIT.json")
+    refused(fed, 2, "rounds/00002/site1/COMMIT.json is a symbolic link in the shared folder")
+    fed.path("rounds/00003").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(IntegrityError, match="rounds/00003 is a symbolic link"):
+        fed.storage.put_new("rounds/00003/SEAL.json", b"x")
+    assert sorted(p.name for p in outside.iterdir()) == ["COMMIT.json"]
