@@ -204,13 +204,16 @@ def same_fingerprint(given: str, expected: str) -> bool:
 
 
 # --------------------------------------------------------------------------- loading
-def load(storage: Storage, pinned_genesis: str | None = None, cache: Path | None = None) -> Federation:
+def load(storage: Storage, pinned_genesis: str | None = None, cache: Path | None = None,
+         pending: bool = True) -> Federation:
     """Read and verify federation.json, members and join requests.
 
     `pinned_genesis` is the sha256 a site recorded at init/join: a replaced or rolled
     back federation.json is refused. `cache`: a folder of member records this site has
     verified before; a tick reads those from it instead of the storage (a member list
-    is still listed every time, so a deleted member is noticed; `verify` re-reads all)."""
+    is still listed every time, so a deleted member is noticed; `verify` re-reads all).
+    `pending=False` skips join requests (a tick after the start has no use for them, and
+    anyone can write many)."""
     try:
         data = storage.get(layout.FEDERATION)
     except FileNotFoundError:
@@ -233,7 +236,8 @@ def load(storage: Storage, pinned_genesis: str | None = None, cache: Path | None
                      founder.site, body.get("versions", {}), int(body.get("created", 0)),
                      body.get("dataset_schema", {}))
     _load_members(fed, founder, cache)
-    _load_pending(fed)
+    if pending:
+        _load_pending(fed)
     return fed
 
 

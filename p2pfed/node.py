@@ -147,8 +147,10 @@ def open_site(home_dir: str | None, site: str, endpoint: str | None = None,
     config = home.config()
     _recorded_aws_settings(config)
     storage = open_storage(config.storage, endpoint or config.endpoint_url)
-    fed = fedmod.load(storage, pinned_genesis=config.genesis_sha256, cache=home.dir / "cache" if cached else None)
     state = home.state()
+    # a started site's ticks need neither re-verified member records nor join requests
+    fed = fedmod.load(storage, pinned_genesis=config.genesis_sha256, cache=home.dir / "cache" if cached else None,
+                      pending=not (cached and "participants" in state))
     pins = fedmod.check_pins(fed, state.get("known_members", {}))
     if pins != state.get("known_members"):
         _save_pins(home, pins)

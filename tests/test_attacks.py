@@ -415,3 +415,15 @@ def test_symbolic_links_in_a_shared_folder_are_refused(fed, tmp_path_factory):
     with pytest.raises(IntegrityError, match="rounds/00003 is a symbolic link"):
         fed.storage.put_new("rounds/00003/SEAL.json", b"x")
     assert sorted(p.name for p in outside.iterdir()) == ["COMMIT.json"]
+
+
+def test_a_flood_of_join_requests_costs_a_started_site_no_reads(fed, monkeypatch):
+    """Anyone with write access can write join requests; once a site has started, its
+    ticks never read them (one listing of members and of the open round is all)."""
+    for i in range(50):
+        fed.path(layout.join_request(f"spam{i}")).write_bytes(b"junk" * 1000)
+    read = []
+    real_get = type(fed.storage).get
+    monkeypatch.setattr(type(fed.storage), "get", lambda self, key: read.append(key) or real_get(self, key))
+    assert fed.run("site0").finished
+    assert not [k for k in read if k.startswith("joins/")] and read == ["federation.json"]
