@@ -235,7 +235,7 @@ def join(
 def admit(
     name: str = typer.Argument(..., help="The pending site to admit."),
     site: str = typer.Option(..., "--site", help="Your own site (a member)."),
-    fingerprint: Optional[str] = typer.Option(None, "--fingerprint", help="The fingerprint the site sent you, with or without spaces; a mismatch is refused."),
+    fingerprint: str = typer.Option(..., "--fingerprint", help="The fingerprint the site sent you out of band (phone, e-mail), with or without spaces; a mismatch is refused."),
     endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,
 ):
     """Admit a pending site into the federation (signed by your site). Admitting a member is a no-op."""
@@ -246,8 +246,6 @@ def admit(
         out.print(f"{name!r} is already a member; nothing to do.", markup=False)
         return
     out.print(f"Admitted {name!r} (fingerprint {who.fingerprint_text()}).", markup=False)
-    if fingerprint is None:
-        out.print("[yellow]Warning:[/] no --fingerprint given; compare the one above with the site out of band.")
 
 
 # --------------------------------------------------------------------------- progress

@@ -173,7 +173,7 @@ def request_join(storage: Storage, fed: Federation, joiner: Identity) -> None:
                          "pick another --site name") from None
 
 
-def admit(fed: Federation, name: str, by: Identity, fingerprint: str | None, started: bool) -> PublicIdentity | None:
+def admit(fed: Federation, name: str, by: Identity, fingerprint: str, started: bool) -> PublicIdentity | None:
     """Admit a pending site; None if it is a member already (nothing to do)."""
     if by.site not in fed.members:
         raise SetupError(f"site {by.site!r} is not a member and cannot admit anyone",
@@ -187,7 +187,8 @@ def admit(fed: Federation, name: str, by: Identity, fingerprint: str | None, sta
         raise UsageError(f"the federation has started; {name!r} can no longer be admitted",
                          "membership is fixed once the fingerprint phase is sealed")
     who = fed.pending[name]
-    if fingerprint is not None and not same_fingerprint(fingerprint, who.fingerprint()):
+    # the fingerprint, compared out of band, is what tells the joiner from an impostor
+    if not same_fingerprint(fingerprint or "", who.fingerprint()):
         # never print the expected value: it is what an impostor would want pasted back
         raise IntegrityError(f"fingerprint mismatch for {name!r}: the join request has other keys",
                              "do not admit; ask the site for its fingerprint again out of band")

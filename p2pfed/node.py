@@ -176,7 +176,7 @@ def _save_pins(home: SiteHome, pins: dict) -> None:
         pass
 
 
-def admit(home_dir: str | None, site: str, name: str, fingerprint: str | None,
+def admit(home_dir: str | None, site: str, name: str, fingerprint: str,
           endpoint: str | None = None) -> PublicIdentity | None:
     home, _, fed = open_site(home_dir, site, endpoint)
     started = fed.storage.exists(layout.FINGERPRINT_SEAL)

@@ -427,3 +427,19 @@ def test_a_flood_of_join_requests_costs_a_started_site_no_reads(fed, monkeypatch
     monkeypatch.setattr(type(fed.storage), "get", lambda self, key: read.append(key) or real_get(self, key))
     assert fed.run("site0").finished
     assert not [k for k in read if k.startswith("joins/")] and read == ["federation.json"]
+
+
+def test_a_site_admitted_under_other_keys_shares_nothing(tmp_path):
+    """A member admits an impostor's keys under site1's name (here: replaces site1's
+    member record before site1's first tick). site1 refuses to take part, naming its
+    record, and writes nothing to the storage."""
+    fed = factory.make(tmp_path)
+    key = layout.member("site1")
+    body = json.loads(fed.path(key).read_text())["body"]
+    impostor = Identity.generate("site1")
+    founder = node.open_site(fed.home, "site0")[0].identity()
+    fed.path(key).write_bytes(sign_record(body | {"identity": impostor.public().to_json()}, founder))
+    before = factory.keys(fed)
+    with pytest.raises(IntegrityError, match="members/site1.json holds keys that are not this site's"):
+        fed.run("site1")
+    assert factory.keys(fed) == before

@@ -108,7 +108,7 @@ def started_without_site1(fed, mp):
 
 def admit_ghost(tmp, mp):
     cli(*init()(tmp, mp))
-    return ["admit", "ghost", "--site", "a", "--home", tmp / "home"]
+    return ["admit", "ghost", "--site", "a", "--fingerprint", "00" * 32, "--home", tmp / "home"]
 
 
 def second_init(tmp, mp):
@@ -157,7 +157,7 @@ def admit_by_non_member(tmp, mp):
     cli(*init()(tmp, mp))
     for site, dataset in (("b", 2), ("c", 3)):
         cli("join", tmp / "shared", *site_args(tmp, site, dataset))
-    return ["admit", "c", "--site", "b", "--home", tmp / "home"]
+    return ["admit", "c", "--site", "b", "--fingerprint", "00" * 32, "--home", tmp / "home"]
 
 
 def started(tmp: Path) -> None:

@@ -118,9 +118,9 @@ def test_mismatch_never_shows_the_expected_fingerprint(tmp_path):
 def test_admitting_a_member_again_is_a_no_op(tmp_path):
     url = tmp_path / "shared"
     cli("init", url, *site_args(tmp_path, "a", 1))
-    cli("join", url, *site_args(tmp_path, "b", 2))
-    cli("admit", "b", "--site", "a", "--home", HOME(tmp_path))
-    again = cli("admit", "b", "--site", "a", "--home", HOME(tmp_path))
+    fp = json.loads(cli("join", url, *site_args(tmp_path, "b", 2), "--json").stdout)["fingerprint"]
+    cli("admit", "b", "--site", "a", "--fingerprint", fp, "--home", HOME(tmp_path))
+    again = cli("admit", "b", "--site", "a", "--fingerprint", fp, "--home", HOME(tmp_path))
     assert "'b' is already a member; nothing to do" in again.stdout
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..errors import IntegrityError
 from ..federation import Federation, check_versions
 from ..site import SiteConfig, SiteHome
 from .phases import PHASES, STEPS
@@ -69,6 +70,10 @@ class Tick:
             self.report.message = f"waiting for a member to admit {self.site!r} (p2pfed admit {self.site} ...)"
             self.report.waiting_for = sorted(self.fed.members)
             return self.report
+        if self.fed.members[self.site] != self.me.public():
+            raise IntegrityError(f"members/{self.site}.json holds keys that are not this site's",
+                                 "a member admitted other keys under this site's name; nothing was shared; "
+                                 "alert the members")
         if not self.state.get("finished"):
             check_versions(self.fed)  # before this site shares or merges anything
             try:
