@@ -410,8 +410,10 @@ def verify(
     site: str = SiteOpt, endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,
     as_json: bool = typer.Option(False, "--json", help="Print the findings as JSON."),
 ):
-    """Check every signature, hash and envelope in the shared storage, and that every site
-    merged every round alike. Exit 6 if an object fails, 7 if sites merged differently."""
+    """Check every object in the shared storage, and that every site merged alike.
+
+    Every signature, hash and envelope is checked. Exit 6 if an object fails, 7 if sites
+    merged a round differently."""
     from p2pfed import node
     from p2pfed.errors import FederationHalted, IntegrityError
     from p2pfed.verify import verify_storage
@@ -451,8 +453,10 @@ def simulate(
     storage: Optional[str] = typer.Option(None, "--storage", help="Shared storage (default: WORKDIR/shared)."),
     no_final_validation: bool = NoFinalValidation, _final_validation: bool = FinalValidation,
 ):
-    """Run a whole federation of synthetic sites on this machine, each site in its own
-    process ticking as cron would; print the per-site results at the end."""
+    """Run a whole federation of synthetic sites on this machine.
+
+    Each site runs in its own process, ticking as cron would; the per-site results are
+    printed at the end."""
     from p2pfed import simulate as sim
 
     if workdir.exists() and any(workdir.iterdir()):
