@@ -443,3 +443,22 @@ def test_a_site_admitted_under_other_keys_shares_nothing(tmp_path):
     with pytest.raises(IntegrityError, match="members/site1.json holds keys that are not this site's"):
         fed.run("site1")
     assert factory.keys(fed) == before
+
+
+def test_an_asym_site_that_missed_rounds_adopts_the_shared_layers(tmp_path):
+    """Asym, quorum 2 of 3: site2 plans, then is away while site0 and site1 finish.
+    Back, it merges each round it missed from the sealed contributions (once), keeps
+    its own model with every layer the contributors share adopted (here: all of them,
+    so it ends with their merged model), and every site agrees on every merge."""
+    fed = factory.make(tmp_path, mode="asym", rounds=2, quorum=2, deadline_s=0)
+    for s in fed.sites:
+        fed.run(s, stop_after="plan")
+    for _ in range(3):
+        for s in ("site0", "site1"):
+            fed.run(s)
+    assert fed.run("site2").finished
+    for r in (1, 2):
+        records = {s: fed.merged_record(s, r) for s in fed.sites}
+        assert sorted(records["site0"]["per_site"]) == ["site0", "site1"]
+        assert len({rec["result"] for rec in records.values()}) == 1
+        assert records["site2"]["own"] == records["site0"]["per_site"]["site0"]

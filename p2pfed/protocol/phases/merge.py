@@ -99,8 +99,11 @@ def _compute(t, r: int) -> None:
             old.unlink()
         check.start()
         t.say(f"merging round {r} ({', '.join(sorted(contributions))})")
+        # asym, missed round: every contributor's merged model is needed to adopt from
+        merged_by_site: dict[str, list[bytes]] = {s: [] for s in contributions}
+        sink = _keep(out, target) if target else lambda s, i, blob: merged_by_site[s].append(blob)
         try:
-            hashes = _stream(t, contributions, load, sink=_keep(out, target))
+            hashes = _stream(t, contributions, load, sink=sink)
             check.finish(contributions)
             break
         except ContributionRejected as exc:  # every merge error names the site first
@@ -111,7 +114,7 @@ def _compute(t, r: int) -> None:
             del contributions[site]
     per_site = {s: model_hash(h) for s, h in sorted(hashes.items())}
     if target is None:  # asym, missed round: adopt the shared layers into our own last model
-        _adopt(t, out, contributions, load)
+        _adopt(t, out, merged_by_site)
         own = model_hash([crypto.sha256_hex(p.read_bytes()) for p in sorted(out.glob("*.safetensors"))])
     else:
         own = per_site[target]
@@ -160,15 +163,13 @@ def confirm(t) -> None:
         t.save(unconfirmed=pending)
 
 
-def _adopt(t, out: Path, contributions: dict, load) -> None:
+def _adopt(t, out: Path, merged_by_site: dict[str, list[bytes]]) -> None:
     """Asym catch-up: our last local model, with every layer that a contributor shares
     (same structural key and shape) taken from that contributor's merged model."""
     from ...merge import canonical_layers
     from ...shards import from_shards, to_shards
 
     own = _last_local_weights(t)
-    merged_by_site: dict[str, list[bytes]] = {s: [] for s in contributions}
-    _stream(t, contributions, load, sink=lambda s, i, b: merged_by_site[s].append(b))
     shared = {}
     for s in sorted(merged_by_site):
         for skey, layer in canonical_layers(from_shards(merged_by_site[s], site=s), s).items():
