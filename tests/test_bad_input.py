@@ -209,7 +209,8 @@ CASES = {
                                        "this site runs p2pfed 0.99.0, the federation pins"),
     "truncated nnU-Net checkpoint": (tick(truncated_checkpoint), 3,
                                      "checkpoint_latest.pth is corrupt (truncated or damaged)"),
-    "disk full in the site home": (tick(home_disk_full), 3, "json: No space left on device (hint: free disk space"),
+    # the tick's first write in its home: the member records it verified
+    "disk full in the site home": (tick(home_disk_full), 3, "cache/members/site0.json: No space left on device"),
     "site that joined too late": (tick(started_without_site1, site="site1", n=2, sites=1), 3,
                                   "site 'site1' joined after the federation started (participants: site0)"),
     # dataset: exit 4
