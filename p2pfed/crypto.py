@@ -57,6 +57,11 @@ def hash_json(obj: Any) -> str:
     return sha256_hex(canonical_json(obj))
 
 
+def model_hash(shard_hashes) -> str:
+    """A model's identity: the hash of its list of shard hashes (docs/design.md)."""
+    return hash_json(list(shard_hashes))
+
+
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 

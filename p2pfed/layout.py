@@ -120,9 +120,4 @@ def shard_plain_sha256(key: str) -> str:
 
 def sites_in(keys, kind: str) -> dict[str, str]:
     """site -> key for every key of `kind` among `keys`."""
-    found = {}
-    for key in keys:
-        parsed = kind_of(key)
-        if parsed and parsed[0] == kind and parsed[2] is not None:
-            found[parsed[2]] = key
-    return found
+    return {site: key for key in keys if (site := site_of(key, kind)) is not None}

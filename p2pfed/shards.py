@@ -45,11 +45,6 @@ def shard_hash(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def model_hash(shard_hashes: Sequence[str]) -> str:
-    """A model's identity: the sha256 of its canonical JSON shard list (docs/design.md)."""
-    return hashlib.sha256(json.dumps(list(shard_hashes), separators=(",", ":")).encode()).hexdigest()
-
-
 # --------------------------------------------------------------------------- writing
 def to_shards(state_dict: Mapping[str, Any], *, site: str = "this site",
               max_bytes: int = DEFAULT_MAX_BYTES) -> list[bytes]:

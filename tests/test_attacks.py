@@ -26,7 +26,6 @@ from p2pfed.errors import FederationHalted, IntegrityError
 from p2pfed.merge import asym_fedavg
 from p2pfed.protocol import CLOCK_SKEW_S
 from p2pfed.protocol.phases import merge
-from p2pfed.shards import model_hash
 from p2pfed.cli.app import app
 from p2pfed.verify import verify_storage
 from typer.testing import CliRunner
@@ -237,7 +236,7 @@ def honest_merge(fed, r: int, sites) -> str:
     base = merge.merged_weights(fed.tick("site0"), r - 1)[0]
     models = {s: factory.trained(base, s, r) for s in sites}
     merged = asym_fedavg(models, {s: factory.cases_of(s) for s in sites})[sorted(sites)[0]]
-    return model_hash([shards.shard_hash(b) for b in shards.to_shards(merged)])
+    return crypto.model_hash([shards.shard_hash(b) for b in shards.to_shards(merged)])
 
 
 @pytest.mark.parametrize("attack, why", [

@@ -14,7 +14,6 @@ from ... import crypto, layout
 from ...errors import ContributionRejected, FederationHalted, SetupError
 from ...faults import crash_point
 from ...objects import read_record
-from ...shards import model_hash
 from ...site import atomic_write
 from ..contribution import Contribution, InputCheck, read_contribution, read_shard_plain
 
@@ -112,10 +111,10 @@ def _compute(t, r: int) -> None:
                 raise
             excluded[site] = exc.message
             del contributions[site]
-    per_site = {s: model_hash(h) for s, h in sorted(hashes.items())}
+    per_site = {s: crypto.model_hash(h) for s, h in sorted(hashes.items())}
     if target is None:  # asym, missed round: adopt the shared layers into our own last model
         _adopt(t, out, merged_by_site)
-        own = model_hash([crypto.sha256_hex(p.read_bytes()) for p in sorted(out.glob("*.safetensors"))])
+        own = crypto.model_hash([crypto.sha256_hex(p.read_bytes()) for p in sorted(out.glob("*.safetensors"))])
     else:
         own = per_site[target]
     record = {"round": r, "result": crypto.hash_json(per_site), "per_site": per_site, "own": own,
