@@ -66,7 +66,7 @@ def build(fed: Federation, reader: Identity | None, local: dict | None = None, v
     doc["phase"] = where(view)
     doc["started_at"] = (view.start_seal() or {}).get("sealed_at")
     doc["steps"] = _steps(doc)
-    doc["progress"] = _progress(doc, fed.settings)
+    doc["progress"] = _progress(doc, fed.settings, view)
     if local:
         doc["local"] = {k: local.get(k) for k in ("round", "results_folder", "final_dice", "finished",
                                                   "nnunet_results") if k in local}
@@ -150,7 +150,7 @@ def _steps(doc: dict) -> dict[str, str]:
     return steps
 
 
-def _progress(doc: dict, settings) -> dict:
+def _progress(doc: dict, settings, view: View) -> dict:
     """Rounds done out of the total, the measured time per round and the estimated end."""
     seals = [e["seal"] for e in doc["rounds"] if e["sealed"] and e["round"] > 0]
     took = [s["sealed_at"] - s["opened_at"] for s in seals if s.get("sealed_at") and s.get("opened_at")]
@@ -162,11 +162,8 @@ def _progress(doc: dict, settings) -> dict:
     # the open round: the federation's, or (asym) the first one a site went ahead to
     phase, unsealed = doc["phase"], [e["round"] for e in doc["rounds"] if not e["sealed"] and e["round"] > 0]
     r = phase.get("round") if phase["name"] == "round" else min(unsealed, default=None)
-    deadline = None
-    if r:
-        previous = [e["seal"] for e in doc["rounds"] if e["round"] == r - 1 and e["sealed"]]
-        opened = previous[0]["sealed_at"] if previous else doc.get("started_at")
-        deadline = opened + settings.deadline_s if opened else None
+    # when the open round opened is the protocol's rule (the view's), not re-derived here
+    deadline = view.opened_at(r) + settings.deadline_s if r and view.participants else None
     return {"rounds_done": len(seals), "rounds_total": settings.rounds, "round_seconds": per_round,
             "eta": eta, "open_round": r, "round_deadline": deadline}
 
