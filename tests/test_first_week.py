@@ -129,7 +129,7 @@ def document(fed, site="site0"):
     return statusmod.document(home=fed.home, site=site, storage=None, endpoint=None)
 
 
-def test_merge_agreed_only_when_every_contributor_published(tmp_path):
+def test_merge_agreed_only_when_every_participant_published(tmp_path):
     fed = factory.make(tmp_path, n=3, mode="asym", rounds=1, deadline_s=21600)
     for s in fed.sites:  # the last one seals round 1 and merges it; the others have not yet
         fed.run(s)
