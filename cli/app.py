@@ -200,11 +200,18 @@ def init(
                         max_update_norm=max_update_norm)
     opts = _local_options(site, dataset, nnunet_raw, nnunet_preprocessed, nnunet_results, device, endpoint, home)
     config, public = node.init(storage, opts, settings)
+    from p2pfed.crypto import grouped
+
+    federation = grouped(config.genesis_sha256)
     if as_json:
-        return emit_json({"federation": config.federation, "site": site, "fingerprint": public.fingerprint()})
+        return emit_json({"federation": config.federation, "federation_fingerprint": config.genesis_sha256,
+                          "site": site, "fingerprint": public.fingerprint()})
     out.print(f"Created federation {config.federation} on {config.storage}")
+    out.print(f"Federation fingerprint: {federation}")
     out.print(f"Site {site!r} is its founder. Key fingerprint: {public.fingerprint_text()}")
-    out.print(f"Other sites join with: p2pfed join {config.storage} --site NAME --dataset ID")
+    out.print("Give the federation fingerprint to each joining site out of band (phone, e-mail); they join with:")
+    out.print(f"  p2pfed join {config.storage} --site NAME --dataset ID --federation '{federation}'",
+              markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -215,19 +222,30 @@ def join(
     nnunet_raw: Optional[str] = Raw, nnunet_preprocessed: Optional[str] = Pre,
     nnunet_results: Optional[str] = Res, device: str = Device,
     endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,
+    federation: Optional[str] = typer.Option(None, "--federation", help="The federation fingerprint the founder gave you out of band (`p2pfed init` printed it); without it, join asks at a terminal and refuses elsewhere."),
     as_json: bool = typer.Option(False, "--json", help="Print the federation id and key fingerprint as JSON."),
 ):
     """Ask to join the federation on STORAGE. A member then runs `p2pfed admit`."""
     from p2pfed import node
 
     opts = _local_options(site, dataset, nnunet_raw, nnunet_preprocessed, nnunet_results, device, endpoint, home)
-    config, public, fed = node.join(storage, opts)
+    ask = _ask_federation if sys.stdin.isatty() else None  # cron, scripts: --federation or nothing
+    config, public, fed = node.join(storage, opts, federation, confirm=ask)
     if as_json:
         return emit_json({"federation": fed.id, "site": site, "fingerprint": public.fingerprint()})
     out.print(f"Join request for {site!r} published to federation {fed.id} (founder {fed.founder}).")
     out.print(f"Key fingerprint: {public.fingerprint_text()}")
     out.print(f"Read it to a member by phone or send it out of band; they run: "
               f"p2pfed admit {site} --site MEMBER --fingerprint '{public.fingerprint_text()}'")
+
+
+def _ask_federation(fed) -> bool:
+    """At a terminal, without --federation: the person compares the fingerprint themselves."""
+    from p2pfed.crypto import grouped
+
+    out.print(f"Federation {fed.id} on {fed.storage.url}, founded by {fed.founder!r}.", markup=False)
+    out.print(f"Federation fingerprint: {grouped(fed.genesis_sha256)}")
+    return typer.confirm("Is this the fingerprint the founder gave you?", default=False)
 
 
 @app.command()

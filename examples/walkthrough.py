@@ -20,6 +20,7 @@ What it substitutes, and nothing else:
   s3://bucket/              a fresh bucket on it
   /opt/p2pfed/.venv/bin/    this Python's bin folder
   --fingerprint '...'       what the admitted site's `join` printed
+  --federation '...'        the federation fingerprint the founder's `init` printed
   --rounds 1000             --rounds 1 --iterations-per-epoch 2 --val-iterations 1
                             --no-final-validation (documented flags: a CPU-sized run)
 What it provides, as a hospital would: each site's dataset (synthetic 3-D, p2pfed.synthetic)
@@ -73,6 +74,7 @@ class Walkthrough:
         self.workdir, self.endpoint, self.bucket = workdir, endpoint, bucket
         self.exports: dict[str, list[str]] = {}
         self.fingerprints: dict[str, str] = {}
+        self.federation = ""  # the federation fingerprint, "read by phone" to the joiners
 
     def dir(self, site: str) -> Path:
         return self.workdir / site
@@ -86,6 +88,7 @@ class Walkthrough:
         if command.startswith("p2pfed admit "):
             admitted = command.split()[2]
             command = re.sub(r"--fingerprint '[^']*'", f"--fingerprint '{self.fingerprints[admitted]}'", command)
+        command = re.sub(r"--federation '[^']*'", f"--federation '{self.federation}'", command)
         return command
 
     def env(self, site: str, path: str) -> dict[str, str]:
@@ -174,6 +177,9 @@ class Walkthrough:
                 current = site_of(command) or current
                 for site in [current] if current else sites:
                     output = self.shell(site, command)
+                    if command.startswith("p2pfed init "):
+                        printed = re.search(r"Federation fingerprint:([0-9a-f\s]+)", output).group(1)
+                        self.federation = "".join(printed.split())
                     if command.startswith("p2pfed join "):  # a narrow console may wrap the groups
                         printed = re.search(r"Key fingerprint:([0-9a-f\s]+)", output).group(1)
                         self.fingerprints[site] = "".join(printed.split())

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 from . import federation as fedmod
@@ -10,7 +11,7 @@ from . import ffe
 from . import layout
 from .crypto import Identity, PublicIdentity, sha256_hex
 from .dataset import check_trainable, dataset_json
-from .errors import SetupError, UsageError
+from .errors import IntegrityError, SetupError, UsageError
 from .federation import Federation, Settings
 from .site import DEVICES, SiteConfig, SiteHome, TickBusy
 from .storage import Storage, open_storage, probe
@@ -110,13 +111,19 @@ def init(storage_url: str, opts: LocalOptions, settings: Settings) -> tuple[Site
     return config, identity.public()
 
 
-def join(storage_url: str, opts: LocalOptions) -> tuple[SiteConfig, PublicIdentity, Federation]:
-    """Keys are saved before the join request is shared; a failed join leaves no site home."""
+def join(storage_url: str, opts: LocalOptions, federation: str | None = None,
+         confirm: Callable[[Federation], bool] | None = None) -> tuple[SiteConfig, PublicIdentity, Federation]:
+    """Keys are saved before the join request is shared; a failed join leaves no site home.
+
+    The joiner authenticates the federation before anything is written: `federation` is
+    the fingerprint the founder gave out of band (`p2pfed init` printed it); without
+    it, `confirm(fed)` (a person at a terminal comparing it) must say yes."""
     home, folders, info = _prepare(opts)
     with home.creating():
         _writable(home)
         storage = open_storage(storage_url, opts.endpoint_url)
         fed = fedmod.load(storage)
+        authenticate(fed, federation, confirm)
         refuse_if_started(fed)
         check_schema(fed, opts.site, info)
         check_trainable(folders["nnunet_raw"], folders["nnunet_preprocessed"], opts.dataset, fed.settings.fold)
@@ -126,6 +133,23 @@ def join(storage_url: str, opts: LocalOptions) -> tuple[SiteConfig, PublicIdenti
     config = _config(opts, folders, storage, fed.id, fed.genesis_sha256)
     home.save_config(config)  # last: a home with site.json is complete
     return config, identity.public(), fed
+
+
+def authenticate(fed: Federation, fingerprint: str | None, confirm: Callable[[Federation], bool] | None) -> None:
+    """The storage could show a forged federation.json signed by anyone (its id and
+    founder's name are copied easily): only its fingerprint, compared out of band, tells."""
+    if fingerprint is not None:
+        if not fedmod.same_fingerprint(fingerprint, fed.genesis_sha256):
+            # never print the storage's value: an impostor wants it pasted back
+            raise IntegrityError(f"the federation at {fed.storage.url} has another fingerprint than the one given",
+                                 "do not join: check the storage URL and ask the founder for the fingerprint "
+                                 "`p2pfed init` printed")
+    elif confirm is None:
+        raise UsageError("join needs --federation FINGERPRINT when it cannot ask at a terminal",
+                         "ask the founder for the federation fingerprint `p2pfed init` printed")
+    elif not confirm(fed):
+        raise UsageError("not joined: the federation fingerprint was not confirmed",
+                         "compare it with the founder's, then run join again (or pass --federation)")
 
 
 def refuse_if_started(fed: Federation) -> None:

@@ -89,9 +89,11 @@ def setup(workdir: str | Path, n_sites: int = 3, *, storage: str | None = None, 
                 "--nnunet-preprocessed", str(f["preprocessed"]), "--nnunet-results", str(f["results"])]
 
     founder, *others = sites
-    sim.cli("init", sim.storage, *local(founder), "--sites", str(n_sites), *init_args)
-    for site in others:
-        joined = json.loads(sim.cli("join", sim.storage, *local(site), "--json").stdout)
+    created = json.loads(sim.cli("init", sim.storage, *local(founder), "--sites", str(n_sites), *init_args,
+                                 "--json").stdout)
+    for site in others:  # the founder "reads" the federation fingerprint to each site
+        joined = json.loads(sim.cli("join", sim.storage, *local(site), "--federation",
+                                    created["federation_fingerprint"], "--json").stdout)
         sim.cli("admit", site.name, "--site", founder.name, "--fingerprint", joined["fingerprint"])
     return sim
 

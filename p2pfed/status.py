@@ -46,7 +46,7 @@ def build(fed: Federation, reader: Identity | None, local: dict | None = None, v
     doc = {
         "format": STATUS_FORMAT,
         "storage": fed.storage.url,
-        "federation": {"id": fed.id, "founder": fed.founder, "created": fed.created,
+        "federation": {"id": fed.id, "fingerprint": fed.genesis_sha256, "founder": fed.founder, "created": fed.created,
                        "settings": asdict(fed.settings), "versions": fed.versions},
         "members": [{"site": s, "fingerprint": i.fingerprint(), "admitted_by": fed.admitted_by.get(s)}
                     for s, i in sorted(fed.members.items())],
@@ -206,6 +206,7 @@ def render(doc: dict, console) -> None:
 
     fed, st = doc["federation"], doc["federation"]["settings"]
     console.print(f"[bold]Federation[/] {fed['id']} on {doc['storage']}", soft_wrap=True)
+    console.print(f"federation fingerprint {grouped(fed['fingerprint'])} (compare it with the founder's)")
     console.print(f"mode {st['mode']}, {st['configuration']} fold {st['fold']}, {plural(st['rounds'], 'round')} x "
                   f"{plural(st['epochs_per_round'], 'epoch')} x {plural(st['iterations_per_epoch'], 'iteration')}; "
                   f"quorum {st['quorum'] or st['sites']}/{st['sites']}, deadline {duration(st['deadline_s'])}; "

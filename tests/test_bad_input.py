@@ -24,7 +24,7 @@ import factory
 from p2pfed import federation, layout, node, objects, storage
 from p2pfed.cli.app import app
 from conftest import new_bucket
-from test_membership import cli, site_args
+from test_membership import cli, fed_fp, join_args, site_args
 
 LINE = re.compile(r"^p2pfed: error: .+ \(hint: .+\)$")
 
@@ -39,7 +39,10 @@ def join(overrides=None, url=None, extra=()):
     """A federation founded by site a; site b joins with dataset.json `overrides`."""
     def prepare(tmp, mp):
         cli("init", tmp / "shared", *site_args(tmp, "a", 1))
-        return ["join", url or tmp / "shared", *site_args(tmp, "b", 2, **(overrides or {})), *extra]
+        # an unreachable url fails before the fingerprint is compared: any will do there
+        fp = "00" * 32 if url else fed_fp(tmp / "shared")
+        return ["join", url or tmp / "shared", *site_args(tmp, "b", 2, **(overrides or {})), "--federation", fp,
+                *extra]
     return prepare
 
 
@@ -156,7 +159,7 @@ def admit_by_non_member(tmp, mp):
     """b and c are still pending: b cannot admit c."""
     cli(*init()(tmp, mp))
     for site, dataset in (("b", 2), ("c", 3)):
-        cli("join", tmp / "shared", *site_args(tmp, site, dataset))
+        cli("join", *join_args(tmp, tmp / "shared", site, dataset))
     return ["admit", "c", "--site", "b", "--fingerprint", "00" * 32, "--home", tmp / "home"]
 
 
@@ -170,7 +173,7 @@ def started(tmp: Path) -> None:
 
 def join_started(tmp, mp):
     started(tmp)
-    return ["join", tmp / "shared", *site_args(tmp, "b", 2)]
+    return ["join", *join_args(tmp, tmp / "shared", "b", 2)]
 
 
 def rm(pattern):
@@ -193,7 +196,8 @@ CASES = {
                                       "(hint: leave --until out, or give --until plan)"),
     # setup: exit 3
     "second init on the same storage": (second_init, 3, "a federation already exists at"),
-    "join a storage without federation": (lambda t, mp: ["join", t / "empty", *site_args(t, "b", 2)], 3,
+    "join a storage without federation": (lambda t, mp: ["join", t / "empty", *site_args(t, "b", 2),
+                                                         "--federation", "00" * 32], 3,
                                           "no federation at"),
     "nnUNet_raw neither given nor set": (no_raw_flag, 3, "nnUNet_raw is not set"),
     "unwritable home": (unwritable_home, 3, "cannot write the site home"),

@@ -21,7 +21,7 @@ from p2pfed import status as statusmod
 from p2pfed.cli.app import app
 from p2pfed.errors import SetupError
 from test_bad_input import started
-from test_membership import cli, site_args
+from test_membership import cli, fed_fp, join_args, site_args
 
 HOME = lambda tmp: tmp / "home"  # noqa: E731
 
@@ -54,7 +54,7 @@ def test_failed_init_leaves_no_site_home(tmp_path):
 
 def test_join_of_a_started_federation_writes_nothing(tmp_path):
     started(tmp_path)
-    result = cli("join", tmp_path / "shared", *site_args(tmp_path, "b", 2), ok=False)
+    result = cli("join", *join_args(tmp_path, tmp_path / "shared", "b", 2), ok=False)
     assert result.exit_code == 3 and "has started; it admits no new sites" in result.output
     assert not (tmp_path / "shared" / "joins").exists() and not (HOME(tmp_path) / "sites" / "b").exists()
 
@@ -73,7 +73,7 @@ def test_keys_are_saved_before_anything_is_shared(tmp_path, monkeypatch):
     monkeypatch.setattr(sitemod, "atomic_write", refuse_keys)
     assert cli("init", tmp_path / "other", *site_args(tmp_path, "z", 9), ok=False).exit_code == 3
     assert not (tmp_path / "other" / "federation.json").exists()
-    assert cli("join", tmp_path / "shared", *site_args(tmp_path, "b", 2), ok=False).exit_code == 3
+    assert cli("join", *join_args(tmp_path, tmp_path / "shared", "b", 2), ok=False).exit_code == 3
     assert not (tmp_path / "shared" / "joins").exists()
     assert not (HOME(tmp_path) / "sites" / "z").exists() and not (HOME(tmp_path) / "sites" / "b").exists()
 
@@ -87,7 +87,7 @@ def test_keys_are_removed_again_when_the_shared_write_fails(tmp_path, monkeypatc
         raise SetupError("another join request for site 'b' is already waiting")
 
     monkeypatch.setattr(federation, "request_join", taken)
-    assert cli("join", tmp_path / "shared", *site_args(tmp_path, "b", 2), ok=False).exit_code == 3
+    assert cli("join", *join_args(tmp_path, tmp_path / "shared", "b", 2), ok=False).exit_code == 3
     assert not (HOME(tmp_path) / "sites" / "b").exists()
 
 
@@ -95,8 +95,8 @@ def test_keys_are_removed_again_when_the_shared_write_fails(tmp_path, monkeypatc
 def test_fingerprints_in_groups_accepted_with_or_without_spaces(tmp_path):
     url = tmp_path / "shared"
     cli("init", url, *site_args(tmp_path, "a", 1), "--sites", 3)
-    fp = json.loads(cli("join", url, *site_args(tmp_path, "b", 2), "--json").stdout)["fingerprint"]
-    text = cli("join", url, *site_args(tmp_path, "c", 3)).stdout
+    fp = json.loads(cli("join", *join_args(tmp_path, url, "b", 2), "--json").stdout)["fingerprint"]
+    text = cli("join", *join_args(tmp_path, url, "c", 3)).stdout
     grouped = re.search(r"Key fingerprint: ((?:[0-9a-f]{4} ){15}[0-9a-f]{4})", text).group(1)
     spaced = " ".join(fp[i:i + 4] for i in range(0, 64, 4)).upper()
     admitted = cli("admit", "b", "--site", "a", "--fingerprint", spaced, "--home", HOME(tmp_path)).stdout
@@ -109,7 +109,7 @@ def test_fingerprints_in_groups_accepted_with_or_without_spaces(tmp_path):
 def test_mismatch_never_shows_the_expected_fingerprint(tmp_path):
     url = tmp_path / "shared"
     cli("init", url, *site_args(tmp_path, "a", 1))
-    fp = json.loads(cli("join", url, *site_args(tmp_path, "b", 2), "--json").stdout)["fingerprint"]
+    fp = json.loads(cli("join", *join_args(tmp_path, url, "b", 2), "--json").stdout)["fingerprint"]
     bad = cli("admit", "b", "--site", "a", "--fingerprint", "ab" * 32, "--home", HOME(tmp_path), ok=False)
     assert bad.exit_code == 6 and "fingerprint mismatch for 'b'" in bad.output
     assert fp[:8] not in bad.output and fp[:4] + " " + fp[4:8] not in bad.output
@@ -118,7 +118,7 @@ def test_mismatch_never_shows_the_expected_fingerprint(tmp_path):
 def test_admitting_a_member_again_is_a_no_op(tmp_path):
     url = tmp_path / "shared"
     cli("init", url, *site_args(tmp_path, "a", 1))
-    fp = json.loads(cli("join", url, *site_args(tmp_path, "b", 2), "--json").stdout)["fingerprint"]
+    fp = json.loads(cli("join", *join_args(tmp_path, url, "b", 2), "--json").stdout)["fingerprint"]
     cli("admit", "b", "--site", "a", "--fingerprint", fp, "--home", HOME(tmp_path))
     again = cli("admit", "b", "--site", "a", "--fingerprint", fp, "--home", HOME(tmp_path))
     assert "'b' is already a member; nothing to do" in again.stdout

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from p2pfed import federation as fedmod
 from p2pfed import layout, objects
-from p2pfed.crypto import Identity, sign_record
+from p2pfed.crypto import Identity, sha256_hex, sign_record
 from p2pfed.errors import IntegrityError
 from p2pfed.node import open_site
 from p2pfed.storage import open_storage
@@ -46,12 +46,22 @@ def site_args(tmp: Path, site: str, dataset_id: int, **overrides) -> list:
             tmp / site / "pre", "--nnunet-results", tmp / site / "res", "--home", tmp / "home"]
 
 
+def fed_fp(url) -> str:
+    """The federation fingerprint a founder reads to a joining site (what `init` printed)."""
+    return sha256_hex(open_storage(str(url)).get(layout.FEDERATION))
+
+
+def join_args(tmp: Path, url, site: str, dataset_id: int, **overrides) -> list:
+    """`p2pfed join` arguments of a site that was given the right federation fingerprint."""
+    return [url, *site_args(tmp, site, dataset_id, **overrides), "--federation", fed_fp(url)]
+
+
 def form(tmp: Path, url: str, n: int = 3) -> list[str]:
     """A federation of n sites, all admitted with checked fingerprints."""
     sites = [f"site{i}" for i in range(n)]
     cli("init", url, *site_args(tmp, sites[0], 1), "--sites", n, "--configuration", "2d")
     for i, s in enumerate(sites[1:], 2):
-        fp = json.loads(cli("join", url, *site_args(tmp, s, i), "--json").stdout)["fingerprint"]
+        fp = json.loads(cli("join", *join_args(tmp, url, s, i), "--json").stdout)["fingerprint"]
         cli("admit", s, "--site", sites[0], "--fingerprint", fp, "--home", tmp / "home")
     return sites
 
@@ -88,7 +98,7 @@ def test_init_join_admit_status_verify(storage_url, tmp_path):
 def test_pending_join_and_wrong_fingerprint(tmp_path):
     url = str(tmp_path / "shared")
     cli("init", url, *site_args(tmp_path, "a", 1))
-    cli("join", url, *site_args(tmp_path, "b", 2))
+    cli("join", *join_args(tmp_path, url, "b", 2))
     doc = json.loads(cli("status", "--storage", url, "--json").stdout)
     assert [p["site"] for p in doc["pending"]] == ["b"]
     bad = cli("admit", "b", "--site", "a", "--fingerprint", "ab" * 32, "--home", tmp_path / "home", ok=False)
@@ -99,7 +109,7 @@ def test_pending_join_and_wrong_fingerprint(tmp_path):
 def test_join_with_incompatible_dataset_is_refused_before_sharing(tmp_path):
     url = str(tmp_path / "shared")
     cli("init", url, *site_args(tmp_path, "a", 1))
-    result = cli("join", url, *site_args(tmp_path, "b", 2, labels={"background": 0, "tumour": 1}), ok=False)
+    result = cli("join", *join_args(tmp_path, url, "b", 2, labels={"background": 0, "tumour": 1}), ok=False)
     assert result.exit_code == 4 and "site b: dataset.json labels" in result.output
     assert not (tmp_path / "shared" / "joins").exists()
 
@@ -133,7 +143,7 @@ def test_flipping_any_byte_of_any_object_is_detected_and_named(tmp_path):
     """The storage operator flips one byte anywhere: verify fails and names the object."""
     url = str(tmp_path / "shared")
     form(tmp_path, url, 2)
-    cli("join", url, *site_args(tmp_path, "late", 7))  # a pending join request too
+    cli("join", *join_args(tmp_path, url, "late", 7))  # a pending join request too
     home, _, fed = open_site(tmp_path / "home", "site0")
     me = home.identity()
     objects.put_envelope(fed, layout.final_metrics("site0"), "final", b'{"dice": 0.9}', me)
