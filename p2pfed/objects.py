@@ -104,8 +104,11 @@ def _open(fed, key, kind, reader, author, blob, binding) -> tuple[dict, bytes, A
                                        expect={**_expect(fed, key, kind, author), **binding})
     if kind not in schema.PAYLOADS:  # shards: checked by p2pfed.shards as they are parsed
         return header, plain, None
-    invalid = _invalid(kind, key, header["author"])
+    return header, plain, _parse_payload(kind, key, plain, _invalid(kind, key, header["author"]))
+
+
+def _parse_payload(kind: str, key: str, plain: bytes, error) -> Any:
     value = schema.strict_json(plain, f"{key}: payload", max_bytes=schema.PAYLOAD_MAX_BYTES[kind],
-                               canonical=b"", error=invalid)
-    schema.check(schema.PAYLOADS[kind], value, f"{key}: payload", invalid)
-    return header, plain, value
+                               canonical=b"", error=error)
+    schema.check(schema.PAYLOADS[kind], value, f"{key}: payload", error)
+    return value
