@@ -231,6 +231,23 @@ def test_a_start_seal_against_its_schema_stops_the_tick_naming_the_member(tmp_pa
                           "(signed by member 'site1')") in last, last
 
 
+def test_a_round_seal_against_its_schema_stops_the_tick_naming_the_member(tmp_path):
+    """Every contribution is listed, so the seal's `reason` was never looked at: any
+    value passed. Now it must be one of all, deadline, initial."""
+    fed = factory.make(tmp_path, n=2, mode="asym", rounds=1)
+    fed.prepare()
+    for s in fed.sites:
+        fed.run(s, stop_after="upload")
+    ident, view = me(fed, "site1")
+    opened = json.loads(fed.path(layout.FINGERPRINT_SEAL).read_text())["body"]["sealed_at"]
+    commits = {s: crypto.sha256_hex(fed.path(layout.commit(1, s)).read_bytes()) for s in fed.sites}
+    objects.put_record(view, layout.seal(1), "seal", {"round": 1, "contributions": commits, "reason": "whenever",
+                                                      "opened_at": opened, "sealed_at": opened + 1}, ident)
+    code, last = run_cli("round", "--site", "site0", "--home", fed.home)
+    assert code == 6 and ("rounds/00001/SEAL.json: body.reason: 'whenever' is not of the form all|deadline|initial "
+                          "(signed by member 'site1')") in last, last
+
+
 def test_federation_settings_of_the_wrong_type_are_refused_at_join(tmp_path):
     """A genesis whose settings hold a string for an integer: before, Settings.__post_init__
     compared it with an int (TypeError, exit 1)."""
