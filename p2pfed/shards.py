@@ -22,7 +22,6 @@ index) -> bytes` callable, which downloads and decrypts.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from typing import Any, Callable, Iterator, Mapping, Sequence
 

@@ -10,7 +10,6 @@ and run through the CLI as a site would."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
