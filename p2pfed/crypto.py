@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import struct
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -25,6 +24,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from . import schema
+from .schema import canonical_json  # the one encoder of canonical JSON (re-exported here)
 from .errors import IntegrityError
 
 MAGIC = b"P2PF"
@@ -44,12 +45,6 @@ _RAW = dict(encoding=serialization.Encoding.Raw, format=serialization.PublicForm
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def canonical_json(obj: Any) -> bytes:
-    """The one byte encoding of JSON that is signed and hashed (sorted keys, no spaces)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False).encode()
 
 
 def hash_json(obj: Any) -> str:
@@ -165,16 +160,11 @@ def record_signer(data: bytes, name: str) -> str:
 
 
 def _parse_record(data: bytes, name: str) -> tuple[dict, str, bytes]:
-    if len(data) > MAX_HEADER:
-        raise IntegrityError(f"{name}: record larger than {MAX_HEADER} bytes")
-    try:
-        obj = json.loads(data)
-        body, signer, sig = obj["body"], obj["signer"], obj["signature"]
-    except (ValueError, KeyError, TypeError):
-        raise IntegrityError(f"{name}: not a p2pfed signed record") from None
-    if not isinstance(body, dict) or not isinstance(signer, str) or not isinstance(sig, str):
-        raise IntegrityError(f"{name}: not a p2pfed signed record")
-    return body, signer, _unb64(sig, name)
+    """Strict parse (UTF-8, no NaN, no duplicate keys, depth and size caps, canonical
+    bytes) before the signature is checked: no parser error can escape as a crash."""
+    obj = schema.strict_json(data, name, max_bytes=MAX_HEADER, canonical=b"\n")
+    schema.check(schema.SIGNED_RECORD, obj, f"{name}: signed record", IntegrityError)
+    return obj["body"], obj["signer"], _unb64(obj["signature"], name)
 
 
 def open_record(data: bytes, *, authors: Mapping[str, PublicIdentity], name: str,
@@ -230,6 +220,12 @@ def seal(payload: bytes, *, header: Mapping[str, Any], author: Identity,
     return b"".join(parts)
 
 
+def envelope_max_bytes(payload_max: int) -> int:
+    """The largest envelope of a payload of at most `payload_max` bytes: prefix, the
+    largest header, signature, and one tag per chunk (storage caps, p2pfed.layout)."""
+    return PREFIX.size + MAX_HEADER + SIG_LEN + payload_max + TAG_LEN * max(1, -(-payload_max // CHUNK_SIZE))
+
+
 def read_header(blob: bytes, name: str) -> dict:
     """Parse (not verify) an envelope header: format checks first, size capped."""
     if len(blob) < PREFIX.size + SIG_LEN:
@@ -242,16 +238,9 @@ def read_header(blob: bytes, name: str) -> dict:
                              "upgrade p2pfed on this site")
     if hlen > MAX_HEADER or len(blob) < PREFIX.size + hlen + SIG_LEN:
         raise IntegrityError(f"{name}: envelope header length {hlen} is out of bounds")
-    try:
-        header = json.loads(blob[PREFIX.size:PREFIX.size + hlen])
-    except ValueError:
-        raise IntegrityError(f"{name}: envelope header is not JSON") from None
-    if not isinstance(header, dict) or not isinstance(header.get("author"), str):
-        raise IntegrityError(f"{name}: envelope header lacks an author")
-    recipients = header.get("recipients")
-    if not isinstance(recipients, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                   for k, v in recipients.items()):
-        raise IntegrityError(f"{name}: envelope header has a malformed recipients list")
+    header = schema.strict_json(blob[PREFIX.size:PREFIX.size + hlen], f"{name}: envelope header",
+                                max_bytes=MAX_HEADER, canonical=b"")
+    schema.check(schema.ENVELOPE_HEADER, header, f"{name}: envelope header", IntegrityError)
     return header
 
 

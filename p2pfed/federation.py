@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 
-from . import layout
+from . import layout, schema
 from .crypto import Identity, PublicIdentity, open_record, record_signer, sha256_hex, sign_record
 from .errors import IntegrityError, SetupError, UsageError
 from .site import atomic_write
@@ -97,7 +97,18 @@ class Settings:
         if unknown:
             raise IntegrityError(f"federation.json has unknown settings {sorted(unknown)}",
                                  "upgrade p2pfed on this site")
+        schema.check(cls.schema(), obj, f"{layout.FEDERATION}: settings")  # before __post_init__ compares them
         return cls(**obj)
+
+    @classmethod
+    def schema(cls) -> schema.Obj:
+        """Each setting's JSON type, from the field annotations ("int | None" -> int or null)."""
+        types = {"int": schema.Int(), "float": schema.Num(), "str": schema.Str(max_len=256), "bool": schema.Bool()}
+        out = {}
+        for f in fields(cls):
+            base, _, none = str(f.type).partition(" | ")
+            out[f.name] = schema.Opt(types[base]) if none == "None" else types[base]
+        return schema.Obj({}, out)
 
 
 @dataclass
@@ -233,6 +244,7 @@ def load(storage: Storage, pinned_genesis: str | None = None, cache: Path | None
     if body.get("format") != FORMAT:
         raise IntegrityError(f"federation format {body.get('format')} is not supported",
                              "upgrade p2pfed on this site")
+    schema.check(schema.RECORDS["federation"], body, f"{layout.FEDERATION}: body")
     fed = Federation(storage, body["federation"], genesis_sha, Settings.from_json(body["settings"]),
                      founder.site, body.get("versions", {}), int(body.get("created", 0)),
                      body.get("dataset_schema", {}))

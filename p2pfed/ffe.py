@@ -25,11 +25,12 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from . import schema
 from .errors import ContributionRejected, DatasetError
 
 SUMMARY_FORMAT = "p2pfed.ffe.summary/1"
 HISTOGRAM_FORMAT = "p2pfed.ffe.histogram/1"
-DEFAULT_BINS = 2 ** 16
+DEFAULT_BINS = schema.MAX_BINS  # the most a histogram may have (schema.PAYLOADS["histogram"])
 # dataset.json fields that must agree across the federation (absent == absent).
 COMPAT_FIELDS = ("channel_names", "labels", "regions_class_order", "file_ending",
                  "overwrite_image_reader_writer")
@@ -153,18 +154,18 @@ def _summaries_checked(summaries: Mapping[str, Mapping]) -> tuple[list[str], dic
     info = merge_dataset_info({s: summaries[s]["dataset"] for s in sites})
     for s in sites:
         summary = summaries[s]
-        try:
-            if summary["format"] != SUMMARY_FORMAT:
-                raise ValueError(f"format {summary['format']!r}, expected {SUMMARY_FORMAT!r}")
+        schema.check(schema.PAYLOADS["summary"], summary, "summary",
+                     lambda m, hint=None, s=s: ContributionRejected(f"site {s}: malformed fingerprint summary ({m})"))
+        try:  # what the schema cannot say: fields that must agree with each other
             if len(summary["foreground"]) != len(info["channel_names"]):
                 raise ValueError("one foreground entry per channel expected")
             for c in summary["cases"]:
                 if len(c["spacing"]) != len(c["shape_after_crop"]) or not 0 < c["relative_size_after_crop"] <= 1:
                     raise ValueError("bad case geometry")
-            values = [f[k] for f in summary["foreground"] if f["cases"] for k in ("mean", "m2", "min", "max")]
-            if not all(math.isfinite(v) for v in values):
-                raise ValueError("non-finite foreground statistics")
-        except (KeyError, TypeError, ValueError) as e:
+            for f in summary["foreground"]:
+                if f["cases"] and (f["min"] is None or f["max"] is None or not f["min"] <= f["max"]):
+                    raise ValueError("foreground statistics without a min..max range")
+        except ValueError as e:
             raise ContributionRejected(f"site {s}: malformed fingerprint summary ({e})") from None
     return sites, info
 
@@ -219,9 +220,10 @@ def _channel_histograms(sites: Sequence[str], histograms: Mapping[str, Mapping],
     channel, the sum over sites (sorted order) of the decoded, checked histograms."""
     if set(histograms) != set(sites):
         raise ContributionRejected(f"histograms from {sorted(histograms)}, summaries from {list(sites)}")
-    bins, grid = histograms[sites[0]].get("bins"), histograms[sites[0]].get("ranges")
-    if not isinstance(bins, int) or not 0 < bins <= 2 ** 24:
-        raise ContributionRejected(f"site {sites[0]}: histogram bins {bins!r} out of bounds")
+    for s in sites:
+        schema.check(schema.PAYLOADS["histogram"], histograms[s], "histogram",
+                     lambda m, hint=None, s=s: ContributionRejected(f"site {s}: malformed histogram ({m})"))
+    bins, grid = histograms[sites[0]]["bins"], histograms[sites[0]]["ranges"]
     totals = [np.zeros(bins) for _ in ranges]
     for s in sites:
         h = histograms[s]

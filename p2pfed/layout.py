@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import re
 
+from .crypto import envelope_max_bytes
+from .schema import PAYLOAD_MAX_BYTES, RECORD_MAX_BYTES
+
 FEDERATION = "federation.json"
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
@@ -78,33 +81,55 @@ def folder(key: str) -> str:
     return round_dir(r) if r is not None else key.split("/", 1)[0] if "/" in key else ""
 
 
-# key pattern -> (kind, is_envelope). The group, if any, names the author site.
-KINDS: list[tuple[re.Pattern, str, bool]] = [
-    (re.compile(r"^federation\.json$"), "federation", False),
-    (re.compile(r"^members/([^/]+)\.json$"), "member", False),
-    (re.compile(r"^joins/([^/]+)\.json$"), "join", False),
-    (re.compile(r"^fingerprints/([^/]+)/summary\.p2pf$"), "summary", True),
-    (re.compile(r"^fingerprints/([^/]+)/histogram\.p2pf$"), "histogram", True),
-    (re.compile(r"^fingerprints/SEAL\.json$"), "fingerprint-seal", False),
-    (re.compile(r"^plans/([^/]+)\.p2pf$"), "plan", True),
-    (re.compile(r"^plans/([^/]+)\.json$"), "plan-hash", False),
-    (re.compile(r"^rounds/\d{5}/([^/]+)/[0-9a-f]{64}\.shard$"), "shard", True),
-    (re.compile(r"^rounds/\d{5}/([^/]+)/meta\.p2pf$"), "meta", True),
-    (re.compile(r"^rounds/\d{5}/([^/]+)/COMMIT\.json$"), "commit", False),
-    (re.compile(r"^rounds/\d{5}/SEAL\.json$"), "seal", False),
-    (re.compile(r"^rounds/\d{5}/merged/([^/]+)\.json$"), "merged", False),
-    (re.compile(r"^final/([^/]+)\.p2pf$"), "final", True),
+# key pattern -> (kind, is_envelope, size cap in bytes). The group, if any, names the author
+# site. Caps are checked before download (storage.get): a record's is RECORD_MAX_BYTES; an
+# envelope's is its payload cap (schema.PAYLOAD_MAX_BYTES: a shard's tensor data, the
+# FFE limits on cases, channels and bins) plus the largest header, signature and tags.
+_RECORD = RECORD_MAX_BYTES
+
+
+def _envelope(kind: str) -> int:
+    return envelope_max_bytes(PAYLOAD_MAX_BYTES[kind])
+
+
+KINDS: list[tuple[re.Pattern, str, bool, int]] = [
+    (re.compile(r"^federation\.json$"), "federation", False, _RECORD),
+    (re.compile(r"^members/([^/]+)\.json$"), "member", False, _RECORD),
+    (re.compile(r"^joins/([^/]+)\.json$"), "join", False, _RECORD),
+    (re.compile(r"^fingerprints/([^/]+)/summary\.p2pf$"), "summary", True, _envelope("summary")),
+    (re.compile(r"^fingerprints/([^/]+)/histogram\.p2pf$"), "histogram", True, _envelope("histogram")),
+    (re.compile(r"^fingerprints/SEAL\.json$"), "fingerprint-seal", False, _RECORD),
+    (re.compile(r"^plans/([^/]+)\.p2pf$"), "plan", True, _envelope("plan")),
+    (re.compile(r"^plans/([^/]+)\.json$"), "plan-hash", False, _RECORD),
+    (re.compile(r"^rounds/\d{5}/([^/]+)/[0-9a-f]{64}\.shard$"), "shard", True, _envelope("shard")),
+    (re.compile(r"^rounds/\d{5}/([^/]+)/meta\.p2pf$"), "meta", True, _envelope("meta")),
+    (re.compile(r"^rounds/\d{5}/([^/]+)/COMMIT\.json$"), "commit", False, _RECORD),
+    (re.compile(r"^rounds/\d{5}/SEAL\.json$"), "seal", False, _RECORD),
+    (re.compile(r"^rounds/\d{5}/merged/([^/]+)\.json$"), "merged", False, _RECORD),
+    (re.compile(r"^final/([^/]+)\.p2pf$"), "final", True, _envelope("final")),
 ]
+FOREIGN_MAX_BYTES = _RECORD  # a key of no kind (junk, probes) is read only by `verify`, to report it
 
 
 def kind_of(key: str) -> tuple[str, bool, str | None] | None:
     """(kind, is_envelope, site the key names or None) of a protocol key; None if foreign.
     For member and join records the site is the member, not the signer."""
-    for pattern, kind, envelope in KINDS:
+    for pattern, kind, envelope, _ in KINDS:
         m = pattern.match(key)
         if m:
             return kind, envelope, (m.group(1) if m.groups() else None)
     return None
+
+
+def max_size(key: str) -> int:
+    """The most bytes an object at `key` may hold (read no further: storage.get)."""
+    return next((cap for pattern, _, _, cap in KINDS if pattern.match(key)), FOREIGN_MAX_BYTES)
+
+
+def kind_name(key: str) -> str:
+    """The kind of `key` for messages ("unknown" for a key of no kind)."""
+    parsed = kind_of(key)
+    return parsed[0] if parsed else "unknown"
 
 
 def site_of(key: str, kind: str) -> str | None:

@@ -22,19 +22,20 @@ index) -> bytes` callable, which downloads and decrypts.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import safetensors.numpy
 
+from . import schema
 from .errors import ContributionRejected
+from .schema import canonical_json
 from .merge import LAYER_MODES, Layer, as_float32, canonical_layers, check_layout, check_weights, merge_layer
 
 FORMAT_VERSION = 1
 METADATA_KEY = "p2pfed"
-DEFAULT_MAX_BYTES = 32 << 20
+DEFAULT_MAX_BYTES = schema.SHARD_TENSOR_BYTES  # readers refuse larger shards (layout.KINDS caps)
 
 Loader = Callable[[str, int], bytes]
 Sink = Callable[[str, int, bytes], None]
@@ -76,7 +77,7 @@ class _Chunker:
 
 def _serialize(items: Sequence[tuple[str, Layer]]) -> bytes:
     names = {skey: list(layer.names) for skey, layer in items}
-    meta = json.dumps({"names": names, "version": FORMAT_VERSION}, sort_keys=True, separators=(",", ":"))
+    meta = canonical_json({"names": names, "version": FORMAT_VERSION}).decode()
     tensors = {skey: np.ascontiguousarray(layer.array) for skey, layer in items}
     return safetensors.numpy.save(tensors, metadata={METADATA_KEY: meta})
 
@@ -90,16 +91,14 @@ def read_shard(blob: bytes, origin: str) -> list[tuple[str, Layer]]:
     `origin` names the shard in errors (site and index). A shard that is not a valid
     p2pfed shard raises ContributionRejected."""
     meta, tensors = _parse_safetensors(blob, origin)
-    try:
-        meta = json.loads(meta[METADATA_KEY])
-        version, names = meta["version"], meta["names"]
-    except (KeyError, TypeError, ValueError):
-        raise ContributionRejected(f"{origin}: shard lacks p2pfed metadata") from None
+    meta = schema.strict_json(meta[METADATA_KEY].encode(), f"{origin}: shard metadata",
+                              max_bytes=schema.SHARD_HEADER_BYTES, canonical=b"", error=ContributionRejected)
+    schema.check(schema.SHARD_NAMES, meta, f"{origin}: shard metadata", ContributionRejected)
+    version, names = meta["version"], meta["names"]
     if version != FORMAT_VERSION:
         raise ContributionRejected(f"{origin}: shard format version {version!r}, expected {FORMAT_VERSION}",
                                    "all members must run a p2pfed with the same shard format")
-    if not isinstance(names, dict) or sorted(names) != sorted(tensors) \
-            or not all(isinstance(v, list) and v and all(isinstance(n, str) for n in v) for v in names.values()):
+    if sorted(names) != sorted(tensors):
         raise ContributionRejected(f"{origin}: shard metadata does not list the names of its tensors")
     return [(skey, Layer(tuple(names[skey]), tensors[skey])) for skey in sorted(tensors)]
 
@@ -114,28 +113,24 @@ def _parse_safetensors(blob: bytes, origin: str) -> tuple[dict, dict[str, np.nda
     if len(blob) < 8:
         raise bad("truncated")
     header_len = int.from_bytes(blob[:8], "little")
-    if header_len > len(blob) - 8:
+    if header_len > min(len(blob) - 8, schema.SHARD_HEADER_BYTES):
         raise bad("header length out of bounds")
-    try:
-        header = json.loads(blob[8:8 + header_len])
-    except ValueError:
-        raise bad("header is not JSON") from None
+    # safetensors pads its header with spaces to 8 bytes: strict, but not canonical JSON
+    header = schema.strict_json(blob[8:8 + header_len], f"{origin}: not a p2pfed shard (header)",
+                                max_bytes=schema.SHARD_HEADER_BYTES, error=ContributionRejected)
     if not isinstance(header, dict):
         raise bad("header is not an object")
-    meta = header.pop("__metadata__", {})
+    meta = header.pop("__metadata__", None)
+    schema.check(schema.SHARD_METADATA, meta, f"{origin}: shard __metadata__", ContributionRejected)
+    schema.check(schema.SHARD_TENSORS, header, f"{origin}: shard header", ContributionRejected)
     entries = []
     for name, entry in header.items():
-        try:
-            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-            # Python ints: a declared shape like [2**32, 2**32] must not wrap around in int64
-            valid = isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape) \
-                and type(begin) is int and type(end) is int and end == begin + 4 * math.prod(shape)
-            count = math.prod(shape) if valid else 0
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"tensor {name!r} is malformed") from None
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
         if dtype != "F32":
             raise ContributionRejected(f"{origin}: tensor {name!r} has dtype {dtype}, expected F32")
-        if not valid:
+        # Python ints: a declared shape like [2**32, 2**32] must not wrap around in int64
+        count = math.prod(shape)
+        if end != begin + 4 * count:
             raise bad(f"tensor {name!r} has inconsistent shape and offsets")
         entries.append((begin, end, name, tuple(shape), count))
     entries.sort()

@@ -1,6 +1,8 @@
 """Shared storage: a tiny create-only interface over a local/NFS folder or any fsspec URL.
 
 get / put_new / exists / list_prefix. Nothing in the protocol overwrites or deletes.
+Every read is bounded: `get` fetches at most the cap of the key's kind plus one byte
+(`layout.max_size`), so an oversized object is refused before it is downloaded.
 Backends declare whether create-only is atomic; `init` refuses storage where it is not
 (`probe`). Transient errors are retried with backoff; a write retried after an error
 that may have landed is settled by reading the object back."""
@@ -14,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
+from . import layout
 from .errors import IntegrityError, StorageError, UsageError
 
 T = TypeVar("T")
@@ -37,9 +40,19 @@ class Storage:
         return f" at {self.endpoint}" if self.endpoint else ""
 
     # -- interface -----------------------------------------------------------------------
-    def get(self, key: str) -> bytes:
-        """Bytes of `key`; FileNotFoundError if absent."""
-        return self._retry(lambda: self._raw_get(key), key)
+    def get(self, key: str, max_size: int | None = None) -> bytes:
+        """Bytes of `key`; FileNotFoundError if absent; IntegrityError if it holds more
+        than `max_size` bytes (default: the cap of its kind, `layout.max_size`). At most
+        max_size + 1 bytes are ever read: one ranged request on S3, as many as a plain one."""
+        cap = layout.max_size(key) if max_size is None else max_size
+        data = self._retry(lambda: self._raw_get(key, cap), key)
+        if len(data) > cap:
+            size = self._retry(lambda: self._raw_size(key), key)  # only on this error path
+            raise IntegrityError(f"{key}: {size} bytes, more than the {cap} bytes "
+                                 f"a{'n' if layout.kind_name(key)[0] in 'aeiou' else ''} {layout.kind_name(key)} "
+                                 "object may hold; not downloaded",
+                                 "someone wrote an oversized object; run `p2pfed verify` and alert the members")
+        return data
 
     def exists(self, key: str) -> bool:
         return self._retry(lambda: self._raw_exists(key), key)
@@ -56,7 +69,8 @@ class Storage:
         try:
             self._retry(lambda: self._raw_put_new(key, data), key)
         except FileExistsError:
-            if self.get(key) != data:
+            # read back at most one byte more than ours: a larger object differs anyway
+            if self._retry(lambda: self._raw_get(key, len(data)), key) != data:
                 raise
             return
 
@@ -79,7 +93,11 @@ class Storage:
                 time.sleep(BACKOFF_S * (2 ** attempt) * (0.5 + random.random()))
         raise AssertionError("unreachable")
 
-    def _raw_get(self, key: str) -> bytes: raise NotImplementedError
+    def _raw_get(self, key: str, max_size: int) -> bytes:
+        """At most max_size + 1 bytes of `key` (the whole object if it is not larger)."""
+        raise NotImplementedError
+
+    def _raw_size(self, key: str) -> int: raise NotImplementedError
     def _raw_exists(self, key: str) -> bool: raise NotImplementedError
     def _raw_list(self, prefix: str) -> list[str]: raise NotImplementedError
     def _raw_put_new(self, key: str, data: bytes) -> None: raise NotImplementedError
@@ -179,8 +197,12 @@ class LocalStorage(Storage):
                                      "and run `p2pfed verify`")
         return self.root / key
 
-    def _raw_get(self, key: str) -> bytes:
-        return self._path(key).read_bytes()
+    def _raw_get(self, key: str, max_size: int) -> bytes:
+        with open(self._path(key), "rb") as fh:
+            return fh.read(max_size + 1)
+
+    def _raw_size(self, key: str) -> int:
+        return self._path(key).stat().st_size
 
     def _raw_exists(self, key: str) -> bool:
         return self._path(key).exists()
@@ -242,8 +264,18 @@ class FsspecStorage(Storage):
     def _path(self, key: str) -> str:
         return f"{self.root}/{key}" if key else self.root
 
-    def _raw_get(self, key: str) -> bytes:
-        return self.fs.cat_file(self._path(key))
+    def _raw_get(self, key: str, max_size: int) -> bytes:
+        # A ranged GET (Range: bytes=0-max_size): one request, like the plain GET it replaces.
+        try:
+            return self.fs.cat_file(self._path(key), start=0, end=max_size + 1)
+        except OSError as exc:
+            # 416 for a range starting at 0 means the object is empty (AWS answers so)
+            if _codes(exc) & {"InvalidRange", "416"}:
+                return b""
+            raise
+
+    def _raw_size(self, key: str) -> int:
+        return int(self.fs.info(self._path(key))["size"])
 
     def _raw_exists(self, key: str) -> bool:
         return self.fs.exists(self._path(key))
@@ -292,5 +324,5 @@ def probe(storage: Storage) -> None:
     else:
         raise StorageError(f"storage {storage.url} silently overwrote an existing object",
                            "use a store that honours If-None-Match (AWS S3 since 2024, MinIO)")
-    if storage.get(key) != b"first":
+    if storage.get(key, max_size=16) != b"first":
         raise StorageError(f"storage {storage.url} lost a create-only write", "use another store")

@@ -247,10 +247,10 @@ def honest_merge(fed, r: int, sites) -> str:
     (dict(commit={"base": "f" * 64}, meta={"base": "f" * 64}),
      "site 'site1': round 1 contribution is built on another base model"),
     (dict(meta={"round": 7}), "site 'site1': round 1 metadata disagrees with its commit"),
-    (absurd_cases(0), "site 'site1': absurd case count 0 in round 1"),
-    (absurd_cases(10 ** 9), "site 'site1': absurd case count 1000000000"),
-    (absurd_cases(True), "site 'site1': absurd case count True"),
-    (absurd_cases(2.5), "site 'site1': absurd case count 2.5"),
+    (absurd_cases(0), "site 'site1': rounds/00001/site1/meta.p2pf: payload.cases: 0 is outside 1..10000000"),
+    (absurd_cases(10 ** 9), "site 'site1': rounds/00001/site1/meta.p2pf: payload.cases: 1000000000 is outside"),
+    (absurd_cases(True), "site 'site1': rounds/00001/site1/meta.p2pf: payload.cases: expected an integer, got a boolean"),
+    (absurd_cases(2.5), "site 'site1': rounds/00001/site1/meta.p2pf: payload.cases: expected an integer, got 2.5"),
 ], ids=lambda v: getattr(v, "__name__", None) or (str(v)[:40] if isinstance(v, dict) else None))
 def test_a_broken_member_is_excluded_by_every_site_and_named(tmp_path, attack, why):
     fed = factory.make(tmp_path, rounds=1)
@@ -272,8 +272,8 @@ def forge_round_1(fed, **attack) -> None:
 
 
 MALFORMED_COMMITS = [
-    ({"meta": None}, "site 'site1': round 1 commit lists a malformed reference None"),
-    ({"shards": {"0": "x"}}, "site 'site1': round 1 commit has no list of shards"),
+    ({"meta": None}, "site 'site1': round 1 commit.meta: expected an object, got null"),
+    ({"shards": {"0": "x"}}, "site 'site1': round 1 commit.shards: expected a list, got an object"),
     ({"shards": [{"key": "rounds/00001/site2/" + "0" * 64 + ".shard", "sha256": "0" * 64}]},
      "site 'site1': round 1 commit lists a shard elsewhere"),
 ]

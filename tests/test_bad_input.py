@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,10 +93,6 @@ def truncated_checkpoint(fed, mp):
 
 def raise_enospc(*args, **kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-
-def storage_full(fed, mp):
-    mp.setattr(storage.LocalStorage, "_raw_put_new", raise_enospc)
 
 
 def home_disk_full(fed, mp):
@@ -240,7 +237,6 @@ CASES = {
                                            "cannot do atomic create-only writes"),
     "missing credentials": (no_credentials, 5, "no credentials for s3://bucket/fed"),
     "unreachable endpoint": (unreachable, 5, "storage s3://bucket/fed unreachable at http://127.0.0.1:9 after 1 retry"),
-    "disk full on the shared folder": (tick(storage_full), 5, "no space left on the storage"),
 }
 
 
@@ -251,6 +247,43 @@ def test_bad_input_is_one_line_with_its_exit_code(case, tmp_path, monkeypatch):
     last = result.output.strip().splitlines()[-1]
     assert (result.exit_code, message in last) == (code, True), result.output
     assert LINE.match(last) and "Traceback" not in result.output, result.output
+
+
+def fill_with_a_full_tmpfs(folder: Path) -> None:
+    """Put `folder` on a tiny tmpfs mounted over it, its contents copied over, then fill
+    it to the last byte: a real full disk (needs root with the right to mount)."""
+    saved = folder.with_name(folder.name + ".saved")
+    folder.rename(saved)
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "p2pfed-test", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        folder.rmdir()
+        saved.rename(folder)
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}): a full disk needs root with CAP_SYS_ADMIN")
+    shutil.copytree(saved, folder, dirs_exist_ok=True)
+    fd = os.open(folder / ".tmp-filler", os.O_WRONLY | os.O_CREAT)  # ".tmp-": storage listings skip it
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, exc
+    finally:
+        os.close(fd)
+
+
+def test_disk_full_on_the_shared_folder_is_one_line_exit_5(tmp_path):
+    """The tick's first write (the start seal) meets a really full shared folder: one line,
+    exit 5, and nothing half-written (no temporary file left behind)."""
+    fed = factory.make(tmp_path, n=1, mode="asym")
+    shared = Path(fed.url)
+    fill_with_a_full_tmpfs(shared)
+    try:
+        code, last = run_cli(["round", "--site", "site0", "--home", fed.home])
+        assert code == 5 and f"no space left on the storage {shared} while writing fingerprints/SEAL.json" in last, last
+        assert [p.name for p in shared.rglob(".tmp-*")] == [".tmp-filler"]
+    finally:
+        subprocess.run(["umount", str(shared)], check=True)
 
 
 def run_cli(args) -> tuple[int, str]:

@@ -111,5 +111,5 @@ def test_a_member_signed_header_with_malformed_recipients_is_refused(recipients)
     raw = crypto.canonical_json({**head, "recipients": recipients})
     prefix = crypto.PREFIX.pack(crypto.MAGIC, version, suite, len(raw)) + raw
     forged = prefix + A.sign(crypto.ENVELOPE_DOMAIN + prefix) + blob[crypto.PREFIX.size + hlen + crypto.SIG_LEN:]
-    with pytest.raises(IntegrityError, match="obj: envelope header has a malformed recipients list"):
+    with pytest.raises(IntegrityError, match=r"^obj: envelope header\.recipients(\.b)?: expected (an object|a string)"):
         open_(forged)

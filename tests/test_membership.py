@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from p2pfed import federation as fedmod
-from p2pfed import layout, objects
+from p2pfed import crypto, layout, objects
 from p2pfed.crypto import Identity, sha256_hex, sign_record
 from p2pfed.errors import IntegrityError
 from p2pfed.node import open_site
@@ -146,7 +146,8 @@ def test_flipping_any_byte_of_any_object_is_detected_and_named(tmp_path):
     cli("join", *join_args(tmp_path, url, "late", 7))  # a pending join request too
     home, _, fed = open_site(tmp_path / "home", "site0")
     me = home.identity()
-    objects.put_envelope(fed, layout.final_metrics("site0"), "final", b'{"dice": 0.9}', me)
+    final = crypto.canonical_json({"model": "0" * 64, "validation_dice": {"1": 0.9, "foreground": 0.9}})
+    objects.put_envelope(fed, layout.final_metrics("site0"), "final", final, me)
     objects.put_record(fed, layout.plan_hash("site0"), "plan-hash", {"plan_sha256": "0" * 64}, me)
     files = _objects(tmp_path / "shared")
     assert len(files) == 7

@@ -78,8 +78,9 @@ def test_metadata_names_every_alias_canonical_name_first():
 
 
 # --------------------------------------------------------------------------- bad shards
-def forged(items, meta):
-    return safetensors.numpy.save(items, metadata={METADATA_KEY: json.dumps(meta)})
+def forged(items, meta, encode=lambda m: json.dumps(m, sort_keys=True, separators=(",", ":"))):
+    """A shard with these tensors and p2pfed metadata (canonical JSON unless `encode` says otherwise)."""
+    return safetensors.numpy.save(items, metadata={METADATA_KEY: encode(meta)})
 
 
 def overlapping():
@@ -104,9 +105,13 @@ EMPTY = forged({"w": np.zeros(0, np.float32)}, {"names": {"w": ["w"]}, "version"
     (b"not a shard at all", "not a p2pfed shard"),
     # 2**64 elements wrap to 0 in int64: the shape must not pass as an empty tensor
     (with_header(EMPTY, lambda h: h["w"].update(shape=[2 ** 32, 2 ** 32])), "inconsistent shape and offsets"),
-    (with_header(EMPTY, lambda h: h["w"].update(shape=[-1, 0])), "inconsistent shape and offsets"),
-    (with_header(EMPTY, lambda h: h["w"].update(shape="[0]")), "inconsistent shape and offsets"),
-    (safetensors.numpy.save({"w": np.ones(2, np.float32)}), "lacks p2pfed metadata"),
+    (with_header(EMPTY, lambda h: h["w"].update(shape=[-1, 0])), r"shard header\.w\.shape\[0\]: -1 is outside 0\.\."),
+    (with_header(EMPTY, lambda h: h["w"].update(shape="[0]")), r"shard header\.w\.shape: expected a list"),
+    (safetensors.numpy.save({"w": np.ones(2, np.float32)}), "shard __metadata__: expected an object, got null"),
+    (forged({"w": np.ones(2, np.float32)}, {"names": {"w": ["w"]}, "version": 1}, json.dumps),
+     "shard metadata: JSON is not in canonical form"),
+    (forged({"w": np.ones(2, np.float32)}, {"names": {"w": ["w"]}, "version": 1, "x": 1}),
+     "shard metadata: has unknown field 'x'"),
     (forged({"w": np.ones(2, np.float32)}, {"names": {"w": ["w"]}, "version": 1})[:-1], "does not fill"),
     (overlapping(), "holes or overlaps"),
     (forged({"w": np.ones(2, np.float32)}, {"names": {"w": ["w"]}, "version": 9}), "version 9"),

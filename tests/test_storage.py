@@ -46,16 +46,46 @@ def test_create_only_collision_is_file_exists_on_every_server(storage_url):
 
 
 def test_largest_object_round_trips_create_only(storage_url):
-    """A full weight shard (p2pfed.shards caps them at 32 MiB, plus the envelope) is one
-    PutObject, below s3fs's 100 MiB multipart threshold: create-only holds for it too."""
-    from p2pfed.shards import DEFAULT_MAX_BYTES
+    """The largest object a site reads, a full weight shard (its cap: p2pfed.shards' 32
+    MiB of tensor data plus the safetensors header and the envelope), is one PutObject,
+    below s3fs's 100 MiB multipart threshold: create-only holds for it too."""
+    from p2pfed import layout
 
-    st = open_storage(storage_url)
-    big = bytes(range(256)) * ((DEFAULT_MAX_BYTES + (1 << 16)) // 256)
-    st.put_new("rounds/00001/site/big.shard", big)
+    st, key = open_storage(storage_url), layout.shard(1, "site", "ab" * 32)
+    big = bytes(range(256)) * (layout.max_size(key) // 256)
+    st.put_new(key, big)
     with pytest.raises(FileExistsError):
-        st.put_new("rounds/00001/site/big.shard", big[:-1] + b"x")
-    assert st.get("rounds/00001/site/big.shard") == big
+        st.put_new(key, big[:-1] + b"x")
+    assert st.get(key) == big
+
+
+def test_reads_stop_at_the_cap_of_the_kind_before_downloading(storage_url):
+    """A 40 MiB object where a commit (1 MiB) belongs is refused naming the key, its size
+    and the cap, after reading at most the cap + 1 byte (one ranged GET on S3): measured
+    with tracemalloc, the read allocates about the cap, not the object. An object exactly
+    at the cap, and an empty one, read whole."""
+    import tracemalloc
+
+    from p2pfed import layout
+    from p2pfed.errors import IntegrityError
+
+    st, big, full = open_storage(storage_url), layout.commit(1, "site1"), layout.commit(1, "site0")
+    cap = layout.max_size(big)
+    st.put_new(big, b"x" * (40 << 20))
+    st.put_new(full, b"y" * cap)
+    tracemalloc.start()
+    try:
+        with pytest.raises(IntegrityError) as exc:
+            st.get(big)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert exc.value.message == (f"{big}: {40 << 20} bytes, more than the {cap} bytes a commit object may hold; "
+                                 "not downloaded"), exc.value.message
+    assert peak < 4 * cap, peak  # the whole object would be 40 x the cap
+    assert st.get(full) == b"y" * cap and st.get(big, max_size=40 << 20) == b"x" * (40 << 20)
+    st.put_new(layout.plan_hash("empty"), b"")
+    assert st.get(layout.plan_hash("empty")) == b""
 
 
 def test_probe_accepts_every_backend_and_leaves_one_object(storage_url):
@@ -141,8 +171,8 @@ class Flaky(Storage):
     def __init__(self):
         self.data, self.calls = {}, 0
 
-    def _raw_get(self, key):
-        return self.data[key]
+    def _raw_get(self, key, max_size):
+        return self.data[key][:max_size + 1]
 
     def _raw_put_new(self, key, data):
         self.calls += 1
@@ -162,7 +192,7 @@ def test_retry_after_lost_response_reads_back(monkeypatch):
 
 def test_bug_in_a_backend_operation_propagates(monkeypatch):
     class Buggy(Flaky):
-        def _raw_get(self, key):
+        def _raw_get(self, key, max_size):
             return self.data.get(key).decode()  # AttributeError on None: our bug, not an outage
 
     with pytest.raises(AttributeError):
@@ -174,7 +204,7 @@ def test_network_errors_that_are_not_oserrors_are_retried(monkeypatch):
     monkeypatch.setattr("p2pfed.storage.BACKOFF_S", 0)
 
     class CutShort(Flaky):
-        def _raw_get(self, key):
+        def _raw_get(self, key, max_size):
             self.calls += 1
             if self.calls == 1:
                 raise asyncio.IncompleteReadError(b"par", 7)

@@ -7,18 +7,14 @@ contributions. Tampering by the storage (bytes that do not match what a seal or
 commit lists) raises `IntegrityError`, naming the object."""
 from __future__ import annotations
 
-import json
 import math
-import re
 from dataclasses import dataclass
 
-from .. import crypto, layout
+from .. import crypto, layout, schema
 from ..errors import ContributionRejected, IntegrityError
-from ..objects import read_envelope
+from ..objects import read_envelope, read_json
 from .view import View
 
-MAX_CASES = 10_000_000  # "absurd case counts" are refused beyond this
-_SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
 @dataclass(frozen=True)
@@ -36,18 +32,9 @@ class Commit:
 
 def parse_commit(site: str, r: int, body: dict) -> Commit:
     """The well-formed commit of `site` for round r, or ContributionRejected."""
-    def ref(obj) -> Ref:
-        if not isinstance(obj, dict) or not isinstance(obj.get("key"), str) \
-                or not isinstance(obj.get("sha256"), str) or not _SHA.match(obj["sha256"]):
-            raise ContributionRejected(f"site {site!r}: round {r} commit lists a malformed reference {obj!r:.80}")
-        return Ref(obj["key"], obj["sha256"])
-
-    shards, base = body.get("shards"), body.get("base")
-    if not isinstance(shards, list) or not shards:
-        raise ContributionRejected(f"site {site!r}: round {r} commit has no list of shards")
-    if base is not None and not isinstance(base, str):
-        raise ContributionRejected(f"site {site!r}: round {r} commit names a malformed base model")
-    commit = Commit(base, tuple(ref(s) for s in shards), ref(body.get("meta")))
+    schema.check(schema.RECORDS["commit"], body, f"site {site!r}: round {r} commit", ContributionRejected)
+    commit = Commit(body["base"], tuple(Ref(s["key"], s["sha256"]) for s in body["shards"]),
+                    Ref(body["meta"]["key"], body["meta"]["sha256"]))
     if commit.meta.key != layout.meta(r, site):
         raise ContributionRejected(f"site {site!r}: round {r} commit lists metadata at {commit.meta.key}")
     for s in commit.shards:
@@ -77,22 +64,13 @@ def read_contribution(view: View, me, r: int, site: str, commit_sha: str, expect
     meta_blob = view.get(commit.meta.key, key)
     if crypto.sha256_hex(meta_blob) != commit.meta.sha256:
         raise IntegrityError(f"{commit.meta.key}: not the metadata the commit lists")
-    try:
-        meta = json.loads(read_envelope(view.fed, commit.meta.key, "meta", me, author=site,
-                                        blob=meta_blob, round=r)[1])
-    except ValueError:
-        raise ContributionRejected(f"site {site!r}: round {r} metadata is not JSON") from None
-    if not isinstance(meta, dict):
-        raise ContributionRejected(f"site {site!r}: round {r} metadata is not an object")
-    cases = meta.get("cases")
-    if type(cases) is not int or not 1 <= cases <= MAX_CASES:
-        raise ContributionRejected(f"site {site!r}: absurd case count {cases!r} in round {r}")
+    meta = read_json(view.fed, commit.meta.key, "meta", me, author=site, blob=meta_blob, round=r)[1]
+    cases = meta["cases"]  # an integer in 1..MAX_CASES: schema.PAYLOADS["meta"]
     if meta.get("base") != commit.base or meta.get("round") != r:
         raise ContributionRejected(f"site {site!r}: round {r} metadata disagrees with its commit")
     if expected_base is not None and commit.base != expected_base:
         raise ContributionRejected(f"site {site!r}: round {r} contribution is built on another base model")
-    metrics = meta.get("metrics")
-    return Contribution(site, cases, commit, metrics if isinstance(metrics, dict) else {})
+    return Contribution(site, cases, commit, meta["metrics"])
 
 
 def read_shard_plain(view: View, me, r: int, site: str, ref: Ref) -> bytes:
