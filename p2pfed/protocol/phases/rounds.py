@@ -38,7 +38,7 @@ def advance(t) -> str | None:
     merge.confirm(t)
     if r > t.s.rounds:
         return None
-    if t.site not in v.committed(r):
+    if v.record(layout.commit(r, t.site), "commit", t.site) is None:
         cached = cached_training(t, r)
         if cached is None:
             t.enter("train")
@@ -138,9 +138,11 @@ def seal(t, r: int) -> str:
         commits, malformed = sealable(t, r)
         reason = "all" if len(commits) == len(parts) else "deadline"
         if reason == "all" or (len(commits) >= t.s.effective_quorum and now >= deadline):
-            body = {"round": r, "contributions": commits, "reason": reason, "opened_at": opened, "sealed_at": now}
+            body = {"round": r, "contributions": commits, "reason": reason, "opened_at": opened, "sealed_at": now,
+                    "previous": v.previous_seal(r)}
             crash_point("seal")
             return f"sealed {layout.seal(r)}" if t.write.claim(layout.seal(r), "seal", body) else ""
+    listed = v.committed(r)  # less any junk found at a commit key meanwhile
     missing = [s for s in parts if s not in listed]
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(deadline))
     waiting = ", ".join(missing + malformed)
