@@ -346,9 +346,8 @@ def test_a_member_with_another_plan_halts_the_federation_naming_both(tmp_path):
 
 
 # --------------------------------------------------------------------------- races and clocks
-def test_ten_sites_race_to_seal_one_round(tmp_path):
-    """(Racing create-only writes on the S3 server: tests/test_storage.py.)"""
-    fed = factory.make(tmp_path, n=10, rounds=1)
+def race_to_seal_round_1(fed) -> list[str]:
+    """Every site commits round 1, then all tick at once; returns the sites that sealed."""
     for s in fed.sites * 4:
         fed.run(s, stop_after="upload")  # plans agreed, round 0 sealed, every site committed round 1
     ticks = [fed.tick(s) for s in fed.sites]
@@ -363,7 +362,13 @@ def test_ten_sites_race_to_seal_one_round(tmp_path):
         t.start()
     for t in threads:
         t.join()
-    winners = [t.site for t in ticks if "sealed rounds/00001/SEAL.json" in t.report.actions]
+    return [t.site for t in ticks if "sealed rounds/00001/SEAL.json" in t.report.actions]
+
+
+def test_ten_sites_race_to_seal_one_round(tmp_path):
+    """(Racing create-only writes on the S3 server: tests/test_storage.py.)"""
+    fed = factory.make(tmp_path, n=10, rounds=1)
+    winners = race_to_seal_round_1(fed)
     assert len(winners) == 1
     fed.run_all()
     seal = json.loads(fed.storage.get(layout.seal(1)))

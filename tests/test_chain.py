@@ -4,7 +4,6 @@ the real protocol, numpy models instead of nnU-Net."""
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 
@@ -15,7 +14,7 @@ from p2pfed.cli.app import app
 from p2pfed.crypto import Identity, sign_record
 from p2pfed.errors import FederationHalted, IntegrityError
 from p2pfed.verify import verify_storage
-from test_attacks import absurd_cases, bad_keys, fed, finished, refused  # noqa: F401 (fixtures)
+from test_attacks import absurd_cases, bad_keys, fed, finished, race_to_seal_round_1, refused  # noqa: F401 (fixtures)
 from typer.testing import CliRunner
 
 
@@ -155,16 +154,7 @@ def test_a_foreign_seal_in_slot_0_and_a_race_still_give_one_seal_for_everyone(tm
     fed = factory.make(tmp_path, n=4, rounds=1)
     stranger = Identity.generate("site0")
     fed.storage.put_new(layout.seal(1), sign_record({"kind": "seal", "name": layout.seal(1)}, stranger))
-    for s in fed.sites * 4:
-        fed.run(s, stop_after="upload")
-    ticks = [fed.tick(s) for s in fed.sites]
-    start = threading.Barrier(len(ticks))
-    threads = [threading.Thread(target=lambda t=t: (start.wait(), t.run())) for t in ticks]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    winners = [t.site for t in ticks if "sealed rounds/00001/SEAL.json" in t.report.actions]
+    winners = race_to_seal_round_1(fed)
     assert len(winners) == 1
     fed.run_all()
     assert json.loads(fed.storage.get(layout.slot(layout.seal(1), 1)))["signer"] == winners[0]
