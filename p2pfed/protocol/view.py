@@ -196,6 +196,9 @@ class View:
         """The verified start seal (fingerprints/SEAL.json): who takes part, since when."""
         if "participants" in self.state:
             return {"participants": self.state["participants"], "sealed_at": self.state["started_at"]}
+        return self._read_start_seal()
+
+    def _read_start_seal(self) -> dict | None:
         found = self.resolve(layout.FINGERPRINT_SEAL, "fingerprint-seal")
         if found is None:
             return None
@@ -251,7 +254,7 @@ class View:
         if kept is not None:
             return kept["sha256"]
         if r is None:
-            self.start_seal()
+            self._read_start_seal()  # also where the participants are kept already
         else:
             self.seal(r)
         return self._seal_sha.get(r)
