@@ -25,7 +25,7 @@ class Writer:
     def envelope(self, key: str, kind: str, payload: bytes, **binding) -> str:
         """Encrypt `payload` for the participants and write it; returns the sha256 of the
         stored envelope (what commits list)."""
-        blob, fresh = self._place(key, kind, lambda at: put_envelope(
+        blob, fresh = self._place(key, kind, self.me.site, lambda at: put_envelope(
             self.fed, key, kind, payload, self.me, recipients=self.view.recipients(), at=at, **binding))
         if not fresh:
             _, plain = read_envelope(self.fed, key, kind, self.me, author=self.me.site, blob=blob)
@@ -35,7 +35,7 @@ class Writer:
 
     def record(self, key: str, kind: str, body: dict) -> dict:
         """Sign and write one of this site's own records; returns the stored body."""
-        data, _ = self._place(key, kind, lambda at: put_record(self.fed, key, kind, body, self.me, at=at))
+        data, _ = self._place(key, kind, self.me.site, lambda at: put_record(self.fed, key, kind, body, self.me, at=at))
         stored = read_record(self.fed, key, kind, self.me.site, data=data)
         if any(stored.get(k) != v for k, v in body.items()):
             raise self._differs(key)
@@ -44,14 +44,12 @@ class Writer:
     def claim(self, key: str, kind: str, body: dict) -> bool:
         """Write a seal unless another participant sealed first; True if ours is the one
         stored. Either way the caller reads the seal back through the view, which verifies it."""
-        return self._place(key, kind, lambda at: put_record(self.fed, key, kind, body, self.me, at=at),
-                           author=None)[1]
+        return self._place(key, kind, None, lambda at: put_record(self.fed, key, kind, body, self.me, at=at))[1]
 
-    def _place(self, key: str, kind: str, make, author: str | None = "me") -> tuple[bytes, bool]:
+    def _place(self, key: str, kind: str, author: str | None, make) -> tuple[bytes, bool]:
         """(stored bytes, whether this call wrote them): `make(slot)` writes at the first free
         slot of `key`, unless an earlier slot holds an object that verifies as `kind` by
-        `author` ("me": this site; None: any participant, for seals)."""
-        author = self.me.site if author == "me" else author
+        `author` (None: any participant, for seals)."""
         for i in range(layout.MAX_SLOTS):
             at = layout.slot(key, i)
             if not self.view.listed(at):
