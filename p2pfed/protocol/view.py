@@ -152,9 +152,9 @@ class View:
         except FileNotFoundError:
             return None
         try:
-            if layout.kind_of(key)[1]:
-                got = crypto.verify_envelope(data, authors=self.fed.members, name=key,
-                                             expect=self.fed.expect(kind, name=key, **({"author": author} if author else {})))
+            if layout.kind_of(key)[1]:  # an envelope: signature and binding (decrypting is the caller's)
+                want = self.fed.expect(kind, name=key, **({"author": author} if author else {}))
+                got = crypto.verify_envelope(data, authors=self.fed.members, name=key, expect=want)
             else:
                 got = read_record(self.fed, key, kind, author, data=data)
             if kind == "seal" and got.get("author") not in self.participants:  # decided by bytes alone

@@ -62,7 +62,8 @@ class Writer:
             found = self.view.verified(key, at, kind, author)
             if found is not None:
                 return found[0], False
-        raise IntegrityError(f"{key}: all {layout.MAX_SLOTS} slots hold objects that do not count{self.view.junk_at(key)}",
+        raise IntegrityError(f"{key}: all {layout.MAX_SLOTS} slots hold objects that do not count"
+                             f"{self.view.junk_at(key)}",
                              "someone with write access is filling the storage with junk; remove it and alert "
                              "the members")
 
