@@ -3,7 +3,8 @@
 Every phase and `p2pfed status` read the shared storage through a `View`: each
 folder is listed at most once and each object fetched and verified at most once per
 tick. What a site has verified once and keeps in its home (the participants, sealed
-rounds) is not fetched again: an idle tick costs one listing of the open round.
+rounds) is not fetched again: an idle tick costs one listing of the open round and
+one read of the latest seal it adopted (the chain head, re-checked every tick).
 Only the `Writer` (p2pfed/protocol/writer.py) adds to a view, with what it wrote.
 
 A fixed-name object lives at the first of its slots (p2pfed/layout.py) that holds an
@@ -15,7 +16,7 @@ from __future__ import annotations
 import json
 
 from .. import crypto, layout
-from ..errors import IntegrityError
+from ..errors import IntegrityError, SetupError
 from ..federation import Federation
 from ..objects import read_record
 from ..site import SiteHome, atomic_write
@@ -31,8 +32,13 @@ class Chain:
 
     def __init__(self, home: SiteHome | None):
         self.path = home.dir / "work" / "chain.json" if home else None
-        self.data = json.loads(self.path.read_text()) if self.path and self.path.exists() \
-            else {"seals": {}, "merges": {}}
+        self.data = {"seals": {}, "merges": {}}
+        if self.path and self.path.exists():
+            try:
+                self.data = json.loads(self.path.read_text())
+            except ValueError:
+                raise SetupError(f"{self.path} is corrupt", "restore the site home from a backup: it is "
+                                 "this site's record of the history it agreed to") from None
 
     def seal(self, r: int | None) -> dict | None:
         """{"key", "sha256"} of the seal of round r (None: the start seal) this site adopted."""
