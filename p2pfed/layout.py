@@ -65,8 +65,36 @@ def merged(r: int, site: str) -> str:
     return f"{round_dir(r)}/merged/{site}.json"
 
 
+def merge_reasons(r: int, site: str) -> str:
+    return f"{round_dir(r)}/merged/{site}.reasons.p2pf"
+
+
 def final_metrics(site: str) -> str:
     return f"final/{site}.p2pf"
+
+
+# -- slots: squat-proof create-only keys (docs/design.md 7.2) -------------------------------
+# A fixed-name object K may live at K, K.1, ..., K.7: a writer takes the first slot that is
+# free (or holds its own object), a reader the first slot whose object verifies. Anyone
+# can write junk at a predictable key; it then costs one slot, never the federation.
+MAX_SLOTS = 8
+SLOTTED = {"fingerprint-seal", "summary", "histogram", "plan", "plan-hash", "meta", "commit", "seal",
+           "merged", "reasons", "final"}
+_SLOT = re.compile(r"^(.+)\.([1-9])$")
+
+
+def slot(key: str, i: int) -> str:
+    return key if i == 0 else f"{key}.{i}"
+
+
+def unslot(key: str) -> tuple[str, int]:
+    """(logical key, slot number) of a stored key; a key of a kind without slots is slot 0."""
+    m = _SLOT.match(key)
+    if m and int(m.group(2)) < MAX_SLOTS:
+        parsed = _kind(m.group(1))
+        if parsed and parsed[0] in SLOTTED:
+            return m.group(1), int(m.group(2))
+    return key, 0
 
 
 def round_of(key: str) -> int | None:
@@ -106,14 +134,19 @@ KINDS: list[tuple[re.Pattern, str, bool, int]] = [
     (re.compile(r"^rounds/\d{5}/([^/]+)/COMMIT\.json$"), "commit", False, _RECORD),
     (re.compile(r"^rounds/\d{5}/SEAL\.json$"), "seal", False, _RECORD),
     (re.compile(r"^rounds/\d{5}/merged/([^/]+)\.json$"), "merged", False, _RECORD),
+    (re.compile(r"^rounds/\d{5}/merged/([^/]+)\.reasons\.p2pf$"), "reasons", True, _envelope("reasons")),
     (re.compile(r"^final/([^/]+)\.p2pf$"), "final", True, _envelope("final")),
 ]
 FOREIGN_MAX_BYTES = _RECORD  # a key of no kind (junk, probes) is read only by `verify`, to report it
 
 
 def kind_of(key: str) -> tuple[str, bool, str | None] | None:
-    """(kind, is_envelope, site the key names or None) of a protocol key; None if foreign.
-    For member and join records the site is the member, not the signer."""
+    """(kind, is_envelope, site the key names or None) of a protocol key or of one of its
+    slots; None if foreign. For member and join records the site is the member, not the signer."""
+    return _kind(unslot(key)[0])
+
+
+def _kind(key: str) -> tuple[str, bool, str | None] | None:
     for pattern, kind, envelope, _ in KINDS:
         m = pattern.match(key)
         if m:
@@ -123,7 +156,8 @@ def kind_of(key: str) -> tuple[str, bool, str | None] | None:
 
 def max_size(key: str) -> int:
     """The most bytes an object at `key` may hold (read no further: storage.get)."""
-    return next((cap for pattern, _, _, cap in KINDS if pattern.match(key)), FOREIGN_MAX_BYTES)
+    logical = unslot(key)[0]
+    return next((cap for pattern, _, _, cap in KINDS if pattern.match(logical)), FOREIGN_MAX_BYTES)
 
 
 def kind_name(key: str) -> str:
@@ -144,5 +178,5 @@ def shard_plain_sha256(key: str) -> str:
 
 
 def sites_in(keys, kind: str) -> dict[str, str]:
-    """site -> key for every key of `kind` among `keys`."""
-    return {site: key for key in keys if (site := site_of(key, kind)) is not None}
+    """site -> (logical) key for every key of `kind`, or a slot of one, among `keys`."""
+    return {site: unslot(key)[0] for key in sorted(keys) if (site := site_of(key, kind)) is not None}

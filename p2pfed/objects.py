@@ -49,12 +49,14 @@ def _expect(fed: Federation, key: str, kind: str, author: str | None) -> dict:
     return want
 
 
-def put_record(fed: Federation, key: str, kind: str, body: Mapping[str, Any], author: Identity) -> bytes:
-    """Sign and create-only write a plaintext record. Returns the stored bytes."""
+def put_record(fed: Federation, key: str, kind: str, body: Mapping[str, Any], author: Identity,
+               at: str | None = None) -> bytes:
+    """Sign and create-only write a plaintext record (at `key`, or at `at`, one of its
+    slots: the record names its logical key). Returns the stored bytes."""
     data = crypto.sign_record({**body, "federation": fed.id, "kind": kind, "name": key,
                                "author": author.site}, author)
     _check_size(key, kind, data)
-    fed.storage.put_new(key, data)
+    fed.storage.put_new(at or key, data)
     after_write()
     return data
 
@@ -73,12 +75,14 @@ def read_record(fed: Federation, key: str, kind: str, author: str | None = None,
 
 
 def put_envelope(fed: Federation, key: str, kind: str, payload: bytes, author: Identity,
-                 recipients: Mapping[str, crypto.PublicIdentity] | None = None, **binding) -> bytes:
-    """Encrypt for every member (or `recipients`), sign, create-only write. Returns the blob."""
+                 recipients: Mapping[str, crypto.PublicIdentity] | None = None, at: str | None = None,
+                 **binding) -> bytes:
+    """Encrypt for every member (or `recipients`), sign, create-only write (at `key` or at
+    `at`, one of its slots). Returns the blob."""
     blob = crypto.seal(payload, header={**binding, "federation": fed.id, "kind": kind, "name": key},
                        author=author, recipients=recipients or fed.members)
     _check_size(key, kind, blob)
-    fed.storage.put_new(key, blob)
+    fed.storage.put_new(at or key, blob)
     after_write()
     return blob
 

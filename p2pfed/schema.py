@@ -36,6 +36,7 @@ MAX_LABELS = 1_000  # labels (classes) of a dataset
 MAX_DIMS = 4  # axes of a case's spacing and shape (nnU-Net: 3, 2-D data included)
 MAX_BINS = 1 << 16  # FFE histogram bins (ffe.DEFAULT_BINS)
 MAX_CASES = 10_000_000  # a site's declared case count (its merge weight)
+MAX_REASON = 4096  # one exclusion reason (a sentence naming a site, a tensor and a shape)
 SHARD_TENSOR_BYTES = 32 << 20  # tensor data per weight shard (shards.DEFAULT_MAX_BYTES)
 SHARD_HEADER_BYTES = 1 << 20  # a shard's safetensors JSON header (names of ~1000 layers: ~100 KiB)
 SHARD_MAX_DIMS = 8
@@ -314,9 +315,11 @@ RECORDS: dict[str, Obj] = {
     "plan-hash": _RECORD.extend({"plan_sha256": Hex64}),
     "commit": _RECORD.extend({"round": Count, "base": Opt(Hex64), "shards": List(Ref, 1, 10_000), "meta": Ref}),
     "seal": _RECORD.extend({"round": Count, "contributions": Map(Site, Hex64, 10_000),
-                            "reason": Str("all|deadline|initial", 16), "opened_at": Time, "sealed_at": Time}),
+                            "reason": Str("all|deadline|initial", 16), "opened_at": Time, "sealed_at": Time,
+                            "previous": Hex64}),
     "merged": _RECORD.extend({"round": Count, "result": Hex64, "per_site": Map(Site, Hex64, 10_000),
-                              "excluded": Map(Site, Str(max_len=4096), 10_000)}),
+                              "seal": Hex64, "previous": Opt(Hex64), "excluded": List(Site, 0, 10_000),
+                              "reasons": Opt(Ref)}),
 }
 
 # A signed record as stored: its body is checked by kind once the signature holds (RECORDS).
@@ -348,6 +351,7 @@ PAYLOADS: dict[str, Schema] = {
                 {"epoch": Int(0, 2 ** 31)}),
     "final": Obj({"model": Hex64, "validation_dice": Opt(Map(Str(max_len=256), _Metric, MAX_LABELS + 1))}),
     "plan": Map(Str(max_len=256), AnyJSON(), 1000),
+    "reasons": Map(Site, Str(max_len=MAX_REASON), 10_000),
     "summary": Obj({"format": Const("p2pfed.ffe.summary/1"), "dataset": _DATASET_INFO,
                     "cases": List(_CASE, 0, MAX_SITE_CASES), "foreground": List(_FOREGROUND, 1, MAX_CHANNELS)}),
     "histogram": Obj({"format": Const("p2pfed.ffe.histogram/1"), "bins": Int(1, MAX_BINS),
@@ -369,6 +373,7 @@ _INFO_BYTES = 512 << 10  # dataset.json labels and channel names (MAX_LABELS nam
 PAYLOAD_MAX_BYTES: dict[str, int] = {
     "meta": 64 << 10,
     "final": 64 << 10,
+    "reasons": 4 << 20,  # why sites were excluded from a merge: about 1000 reasons of MAX_REASON
     "plan": 1 << 20,
     "summary": MAX_SITE_CASES * _CASE_BYTES + MAX_CHANNELS * _FOREGROUND_BYTES + _INFO_BYTES,
     "histogram": MAX_CHANNELS * (_CHANNEL.required["index"].max_len + _CHANNEL.required["weight"].max_len + 64) + 4096,

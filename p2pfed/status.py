@@ -15,8 +15,9 @@ from . import layout
 from .crypto import Identity, grouped
 from .errors import P2PFedError, UsageError
 from .federation import Federation
-from .objects import read_envelope, read_record
+from .objects import read_envelope
 from .protocol import View
+from .protocol.view import Chain, head_hash
 from .protocol.phases import where
 from .storage import open_storage
 
@@ -30,7 +31,7 @@ def document(home: str | None, site: str | None, storage: str | None, endpoint: 
 
         home_, config, fed = open_site(home, site, endpoint)
         reader = home_.identity()
-        local = {**home_.state(), "nnunet_results": config.nnunet_results}
+        local = {**home_.state(), "nnunet_results": config.nnunet_results, "chain": Chain(home_).data}
     elif storage:
         fed, reader, local = fedmod.load(open_storage(storage, endpoint)), None, {}
     else:
@@ -56,8 +57,8 @@ def build(fed: Federation, reader: Identity | None, local: dict | None = None, v
         "final": {},
         "viewer": reader.site if reader else None,
     }
-    doc["plans"] = {s: read_record(fed, k, "plan-hash", s, data=view.get(k))["plan_sha256"]
-                    for s, k in sorted(layout.sites_in(keys, "plan-hash").items())}
+    doc["plans"] = {s: body.get("plan_sha256") for s, k in sorted(layout.sites_in(keys, "plan-hash").items())
+                    if (body := view.record(k, "plan-hash", s)) is not None}
     doc["plan_details"] = {s: _plan_details(_decrypt(view, layout.plan(s), "plan", s, reader), fed.settings.configuration)
                            for s in doc["plans"] if reader is not None and layout.plan(s) in keys}
     doc["rounds"] = _rounds(view, keys, reader)
@@ -67,17 +68,41 @@ def build(fed: Federation, reader: Identity | None, local: dict | None = None, v
     doc["started_at"] = (view.start_seal() or {}).get("sealed_at")
     doc["steps"] = _steps(doc)
     doc["progress"] = _progress(doc, fed.settings, view)
+    doc["chain_head"] = chain_head(doc, view, (local or {}).get("chain"))
     if local:
         doc["local"] = {k: local.get(k) for k in ("round", "results_folder", "final_dice", "finished",
                                                   "nnunet_results") if k in local}
+    doc["junk"] = dict(sorted(view.junk.items()))  # objects at protocol keys that do not count
     return doc
+
+
+def chain_head(doc: dict, view: View, kept: dict | None) -> dict | None:
+    """The latest sealed round, its seal's sha256 and its merge result, and a short hash
+    of the three for members to compare by phone: from the chain this site kept, or (no
+    site) from the storage."""
+    if kept is not None:
+        rounds = [int(r) for r in kept["seals"] if r != "start"]
+        if not rounds:
+            return None
+        r = max(rounds)
+        seal, result = kept["seals"][str(r)]["sha256"], kept["merges"].get(str(r))
+    else:
+        sealed = [e for e in doc["rounds"] if e["sealed"]]
+        if not sealed:
+            return None
+        r = sealed[-1]["round"]
+        seal, result = view.seal_sha(r), sealed[-1].get("merge_result")
+    return {"round": r, "seal": seal, "result": result, "short": head_hash(r, seal, result)}
 
 
 def _decrypt(view: View, key, kind, site, reader, **binding):
     if reader is None:
         return None
+    found = view.resolve(key, kind, site)
+    if found is None:
+        return None
     try:
-        return json.loads(read_envelope(view.fed, key, kind, reader, author=site, blob=view.get(key), **binding)[1])
+        return json.loads(read_envelope(view.fed, key, kind, reader, author=site, blob=found[1], **binding)[1])
     except P2PFedError as exc:
         return {"error": exc.message}
 
@@ -103,7 +128,7 @@ def _rounds(view: View, keys: set[str], reader) -> list[dict]:
                  "sites": {}}
         merged = view.merge_records(r)
         for s in view.participants or sorted(view.fed.members):
-            committed = view.has(layout.commit(r, s))
+            committed = s in view.commits(r)  # verified: junk at a commit key is not a commit
             counted = bool(seal and s in seal["contributions"])
             meta = _decrypt(view, layout.meta(r, s), "meta", s, reader, round=r) \
                 if committed and view.has(layout.meta(r, s)) else None
@@ -121,9 +146,23 @@ def _rounds(view: View, keys: set[str], reader) -> list[dict]:
         entry["merge_published"] = [len([s for s in expected if s in merged]), len(expected)]
         entry["merge_agreed"] = False if len(results) > 1 else \
             True if expected and all(s in merged for s in expected) else None
-        entry["excluded"] = {s: why for m in merged.values() for s, why in m.get("excluded", {}).items()}
+        entry["merge_result"] = results.pop() if entry["merge_agreed"] else None
+        entry["excluded"] = _excluded(view, r, merged, reader)
         rounds.append(entry)
     return rounds
+
+
+def _excluded(view: View, r: int, merged: dict[str, dict], reader) -> dict[str, str | None]:
+    """site -> why the merge left it out; the reasons are in envelopes for the participants
+    (None where this reader cannot decrypt them)."""
+    excluded = {}
+    for author, record in sorted(merged.items()):
+        reasons = _decrypt(view, layout.merge_reasons(r, author), "reasons", author, reader, round=r) \
+            if record.get("reasons") else None
+        for site in record.get("excluded") or []:
+            why = reasons.get(site) if isinstance(reasons, dict) and "error" not in reasons else None
+            excluded[site] = excluded.get(site) or why
+    return excluded
 
 
 def _steps(doc: dict) -> dict[str, str]:
@@ -216,10 +255,20 @@ def render(doc: dict, console) -> None:
     console.print(f"[bold]Phase:[/] {where}" + (f"; waiting for {', '.join(phase['waiting_for'])}"
                                                  if phase["waiting_for"] else ""))
     _render_progress(doc, console)
+    head = doc.get("chain_head")
+    if head:
+        console.print(f"[bold]Chain head:[/] {head['short']} (round {head['round']}; compare it with the other "
+                      f"members by phone)")
+    for key, why in (doc.get("junk") or {}).items():
+        console.print(f"ignored, not an object of this federation: {key}: {why}", markup=False, soft_wrap=True)
     for part in (_members_table, _plans_table, _rounds_table, _final_table):
         table = part(doc, Table)
         if table is not None:
             console.print(table)
+    for e in doc["rounds"]:
+        for site, why in sorted((e.get("excluded") or {}).items()):
+            if why:
+                console.print(f"round {e['round']}: excluded {why}", markup=False, soft_wrap=True)
 
 
 def _members_table(doc: dict, Table):

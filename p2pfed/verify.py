@@ -10,6 +10,7 @@ from .federation import Federation
 from .layout import kind_of
 from .objects import read_envelope, read_record
 from .protocol.contribution import parse_commit
+from .protocol.modes import mode_of
 
 
 @dataclass
@@ -23,67 +24,102 @@ class Finding:
 def verify_storage(fed: Federation, reader: Identity | None, progress=None) -> list[Finding]:
     """One finding per object. Envelopes are decrypted (plaintext hash checked) when
     `reader` is among their recipients, else their signature and binding are checked.
-    Each object is downloaded once: what commits and seals list is checked at the end
-    against the hashes of the objects as they were read."""
+    Each object is downloaded once: what commits, seals and merge records list is checked
+    at the end against the hashes of the objects as they were read; then the whole hash
+    chain of seals and merge records, and every participant's merges, are compared."""
     keys = [k for k in fed.storage.list_prefix("") if not k.startswith("probe/")]
-    findings, hashes, listed, merges = {}, {}, [], {}
+    findings, stored, listed, chain = {}, {}, [], {}
     for key in keys:
         if progress:
             progress(key)
         try:
             data = fed.storage.get(key)
-            hashes[key] = sha256_hex(data)
-            findings[key] = Finding(key, True, _check(fed, key, data, reader, listed, merges))
+            stored.setdefault(layout.unslot(key)[0], set()).add(sha256_hex(data))
+            findings[key] = Finding(key, True, _check(fed, key, data, reader, listed, chain))
         except P2PFedError as exc:
             findings[key] = Finding(key, False, exc.message)
     for key, ref_key, sha in listed:
-        if hashes.get(ref_key) != sha and findings[key].ok:
+        if sha not in stored.get(ref_key, ()) and findings[key].ok:
             findings[key] = Finding(key, False, f"{key}: lists {ref_key}, which is missing or differs")
-    _compare_merges(merges, findings)
+    _check_chain(fed, _winners(chain, findings), findings)
     return list(findings.values())
 
 
-def _compare_merges(merges: dict[str, str], findings: dict[str, Finding]) -> None:
-    """Every site's merge record of a round must hold the same result: sites that hold
-    different models (a fork) fail verify even when every object is validly signed."""
-    by_round: dict[int, dict[str, str]] = {}
-    for key, result in merges.items():
-        if findings[key].ok:
-            by_round.setdefault(layout.round_of(key), {})[key] = result
-    for r, results in sorted(by_round.items()):
-        if len(set(results.values())) > 1:
-            summary = ", ".join(f"{kind_of(k)[2]}: {str(v)[:12]}" for k, v in sorted(results.items()))
-            for key in results:
-                findings[key] = Finding(key, False, f"round {r}: sites merged differently ({summary})", True)
+def _winners(chain: dict[str, tuple[dict, str]], findings: dict[str, Finding]) -> dict[str, tuple[str, dict, str]]:
+    """logical key -> (slot, body, sha256) of the first slot whose object verified, as a tick resolves it."""
+    won = {}
+    for key in sorted(chain, key=lambda k: layout.unslot(k)[1]):
+        logical = layout.unslot(key)[0]
+        if findings[key].ok and logical not in won:
+            won[logical] = (key, *chain[key])
+    return won
 
 
-def _check(fed: Federation, key: str, data: bytes, reader: Identity | None, listed: list, merges: dict) -> str:
+def _check_chain(fed: Federation, won: dict, findings: dict[str, Finding]) -> None:
+    """Every seal names the previous seal's sha256; every participant's merge record of a
+    round names that round's seal and the previous round's result, and all agree."""
+    start = won.get(layout.FINGERPRINT_SEAL)
+    if start is None:
+        return
+    parts, first = start[1].get("participants") or [], mode_of(fed.settings).first_round
+    previous, result = start[2], None
+    for r in range(first, fed.settings.rounds + 1):
+        seal = won.get(layout.seal(r))
+        if seal is None:
+            return
+        key, body, sha = seal
+        if body.get("author") not in parts:
+            findings[key] = Finding(key, False, f"{key}: sealed by {body.get('author')!r}, who is not a participant")
+        elif body.get("previous") != previous:
+            findings[key] = Finding(key, False, f"round {r}: the seal names previous {str(body.get('previous'))[:16]}"
+                                                f", not the seal before it ({previous[:16]})")
+        previous, result = sha, _compare_merges(r, sha, result if r > 1 else None, parts, won, findings)
+
+
+def _compare_merges(r: int, seal: str, previous: str | None, parts, won: dict, findings: dict) -> str | None:
+    """The participants' merge records of round r must name `seal`, the previous round's
+    result, and hold the same result: sites that hold different models (a fork) fail
+    verify even when every object is validly signed. Returns the round's result."""
+    records = {s: won[layout.merged(r, s)] for s in parts if layout.merged(r, s) in won}
+    seen = {s: tuple(body.get(k) for k in ("result", "seal", "previous")) for s, (_, body, _) in records.items()}
+    if len(set(seen.values())) > 1 or any(v[1:] != (seal, previous) for v in seen.values()):
+        summary = ", ".join(f"{s}: {str(v[0])[:12]} (seal {str(v[1])[:12]}, previous {str(v[2])[:12]})"
+                            for s, v in sorted(seen.items()))
+        for key, _, _ in records.values():
+            findings[key] = Finding(key, False, f"round {r}: sites merged differently ({summary}; the storage's "
+                                                f"seal is {seal[:12]})", True)
+    results = {v[0] for v in seen.values()}
+    return results.pop() if len(results) == 1 else None
+
+
+def _check(fed: Federation, key: str, data: bytes, reader: Identity | None, listed: list, chain: dict) -> str:
     kind = kind_of(key)
     if kind is None:
         raise IntegrityError(f"{key}: not an object of the p2pfed protocol")
     name, envelope, author = kind
+    logical = layout.unslot(key)[0]  # an object in a slot names its logical key
     if name in ("federation", "member", "join"):
         return _check_membership(fed, key, name, author, data)
     if not envelope:
-        body = read_record(fed, key, name, author, data=data)
-        listed.extend((key, ref_key, sha) for ref_key, sha in _references(key, name, author, body))
-        if name == "merged":
-            merges[key] = body.get("result")
-        return f"{name} record, signed by {author or 'a member'}"
-    header = verify_envelope(data, authors=fed.members, name=key,
-                             expect={"federation": fed.id, "kind": name, "name": key, "author": author})
+        body = read_record(fed, logical, name, author, data=data)
+        listed.extend((key, ref_key, sha) for ref_key, sha in _references(logical, name, author, body))
+        if name in ("fingerprint-seal", "seal", "merged"):
+            chain[key] = (body, sha256_hex(data))
+        return f"{name} record, signed by {body.get('author')}"
+    header = verify_envelope(data, authors=fed.members, name=logical,
+                             expect={"federation": fed.id, "kind": name, "name": logical, "author": author})
     # a shard is named by its plaintext sha256, which its author signed in the header
     if name == "shard" and layout.shard_plain_sha256(key) != header.get("plaintext_sha256"):
         raise IntegrityError(f"{key}: content does not match its name")
     if reader is not None and reader.site in header.get("recipients", {}):
-        read_envelope(fed, key, name, reader, author, blob=data)  # decrypts, checks that hash
+        read_envelope(fed, logical, name, reader, author, blob=data)  # decrypts, checks that hash
         return f"{name} envelope, signed by {author}, decrypted and hash-checked"
     return f"{name} envelope, signed by {author} (not encrypted for this site)"
 
 
 def _references(key: str, kind: str, author: str | None, body: dict) -> list[tuple[str, str]]:
-    """(key, sha256) of the objects a commit or a seal vouches for: all must be there.
-    A malformed commit or seal raises, naming itself."""
+    """(logical key, sha256) of the objects a commit, a seal or a merge record vouches
+    for: all must be there. A malformed commit or seal raises, naming itself."""
     r = layout.round_of(key)
     if kind == "commit":
         commit = parse_commit(author, r, body)
@@ -93,6 +129,8 @@ def _references(key: str, kind: str, author: str | None, body: dict) -> list[tup
         if not isinstance(contributions, dict) or not all(isinstance(v, str) for v in contributions.values()):
             raise IntegrityError(f"{key}: malformed seal")
         return [(layout.commit(r, site), sha) for site, sha in contributions.items()]
+    if kind == "merged" and isinstance(body.get("reasons"), dict):
+        return [(layout.merge_reasons(r, author), str(body["reasons"].get("sha256")))]
     return []
 
 

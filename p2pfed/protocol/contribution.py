@@ -57,12 +57,13 @@ def read_contribution(view: View, me, r: int, site: str, commit_sha: str, expect
     commits = view.commits(r)
     if site not in commits:
         view.get(key, f"round {r}'s seal")  # raises: listed but missing
+        raise IntegrityError(f"{key}: not the commit the seal lists{view.junk_at(key)}")
     sha, body = commits[site]
     if sha != commit_sha:
         raise IntegrityError(f"{key}: not the commit the seal lists")
     commit = parse_commit(site, r, body)
-    meta_blob = view.get(commit.meta.key, key)
-    if crypto.sha256_hex(meta_blob) != commit.meta.sha256:
+    meta_blob = view.find(commit.meta.key, commit.meta.sha256, key)  # in whichever slot it went to
+    if meta_blob is None:
         raise IntegrityError(f"{commit.meta.key}: not the metadata the commit lists")
     meta = read_json(view.fed, commit.meta.key, "meta", me, author=site, blob=meta_blob, round=r)[1]
     cases = meta["cases"]  # an integer in 1..MAX_CASES: schema.PAYLOADS["meta"]

@@ -13,7 +13,7 @@ from typing import Callable
 from ..errors import IntegrityError
 from ..federation import Federation, check_versions
 from ..site import SiteConfig, SiteHome
-from .phases import PHASES, STEPS
+from .phases import PHASES, STEPS, merge
 from .trainer import LocalTrainer
 from .view import View
 from .wait import Wait
@@ -34,12 +34,13 @@ class Report:
     deadline: int | None = None
     message: str = ""
     finished: bool = False
+    junk: list[str] = field(default_factory=list)  # objects at protocol keys that do not count
 
     def to_json(self) -> dict:
         return {"site": self.site, "phase": self.phase, "round": self.round, "actions": self.actions,
                 "action": self.actions[-1] if self.actions else "wait" if not self.finished else "none",
                 "waiting_for": self.waiting_for, "deadline": self.deadline, "message": self.message,
-                "finished": self.finished}
+                "finished": self.finished, "junk": self.junk}
 
 
 class Tick:
@@ -65,6 +66,14 @@ class Tick:
         self.report = Report(config.site)
 
     def run(self) -> Report:
+        try:
+            return self._run()
+        finally:
+            self.report.junk = [f"{key}: {why}" for key, why in sorted(self.view.junk.items())]
+            for line in self.report.junk:
+                self.say(f"ignored (not an object of this federation): {line}")
+
+    def _run(self) -> Report:
         if self.site not in self.fed.members:
             self.report.phase = "joining"
             self.report.message = f"waiting for a member to admit {self.site!r} (p2pfed admit {self.site} ...)"
@@ -74,6 +83,7 @@ class Tick:
             raise IntegrityError(f"members/{self.site}.json holds keys that are not this site's",
                                  "a member admitted other keys under this site's name; nothing was shared; "
                                  "alert the members")
+        merge.recheck_head(self)  # the chain this site adopted, also once finished
         if not self.state.get("finished"):
             check_versions(self.fed)  # before this site shares or merges anything
             try:

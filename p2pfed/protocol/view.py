@@ -3,14 +3,20 @@
 Every phase and `p2pfed status` read the shared storage through a `View`: each
 folder is listed at most once and each object fetched and verified at most once per
 tick. What a site has verified once and keeps in its home (the participants, sealed
-rounds) is not fetched again: an idle tick costs one listing of the open round.
-Only the `Writer` (p2pfed/protocol/writer.py) adds to a view, with what it wrote."""
+rounds) is not fetched again: an idle tick costs one listing of the open round and
+one read of the latest seal it adopted (the chain head, re-checked every tick).
+Only the `Writer` (p2pfed/protocol/writer.py) adds to a view, with what it wrote.
+
+A fixed-name object lives at the first of its slots (p2pfed/layout.py) that holds an
+object verifying as it: `resolve` skips junk (unsigned, foreign, replayed, moved) and
+notes it in `junk`, for the tick's report and `verify`; junk never halts a tick.
+Seals and merges form a hash chain that the site keeps in its home (`Chain`)."""
 from __future__ import annotations
 
 import json
 
 from .. import crypto, layout
-from ..errors import IntegrityError
+from ..errors import IntegrityError, SetupError
 from ..federation import Federation
 from ..objects import read_record
 from ..site import SiteHome, atomic_write
@@ -19,15 +25,69 @@ from .modes import Mode, mode_of
 CLOCK_SKEW_S = 600  # a seal's deadline is the sealer's clock; others allow this much skew
 
 
+class Chain:
+    """The hash chain as this site adopted it, kept in `<home>/work/chain.json`: the start
+    seal and every round seal (slot key and sha256 of the stored bytes), and every merge
+    result it computed. A public view (no home) keeps nothing."""
+
+    def __init__(self, home: SiteHome | None):
+        self.path = home.dir / "work" / "chain.json" if home else None
+        self.data = {"seals": {}, "merges": {}}
+        if self.path and self.path.exists():
+            try:
+                self.data = json.loads(self.path.read_text())
+            except ValueError:
+                raise SetupError(f"{self.path} is corrupt", "restore the site home from a backup: it is "
+                                 "this site's record of the history it agreed to") from None
+
+    def seal(self, r: int | None) -> dict | None:
+        """{"key", "sha256"} of the seal of round r (None: the start seal) this site adopted."""
+        return self.data["seals"].get("start" if r is None else str(r))
+
+    def keep_seal(self, r: int | None, key: str, sha: str) -> None:
+        kept, name = self.seal(r), "the start" if r is None else f"round {r}'s"
+        if kept is not None and kept["sha256"] != sha:
+            raise IntegrityError(f"{key}: {name} seal differs from the one this site adopted "
+                                 f"({kept['sha256'][:16]}, now {sha[:16]})",
+                                 "the storage shows another history than before (a fork); alert the members")
+        if kept is None and self.path is not None:
+            self.data["seals"]["start" if r is None else str(r)] = {"key": key, "sha256": sha}
+            self._save()
+
+    def keep_merge(self, r: int, result: str) -> None:
+        if self.path is not None and self.data["merges"].get(str(r)) != result:
+            self.data["merges"][str(r)] = result
+            self._save()
+
+    def head(self) -> tuple[int | None, dict] | None:
+        """(round or None for the start seal, its kept seal) of the latest seal adopted."""
+        rounds = [int(r) for r in self.data["seals"] if r != "start"]
+        if rounds:
+            return max(rounds), self.seal(max(rounds))
+        return (None, self.seal(None)) if self.seal(None) else None
+
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.path, json.dumps(self.data, sort_keys=True).encode())
+
+
+def head_hash(r: int | None, seal_sha: str | None, result: str | None) -> str:
+    """The short chain head members compare by phone: 16 hex digits in groups of 4."""
+    return crypto.grouped(crypto.hash_json({"round": r, "seal": seal_sha, "result": result})[:16])
+
+
 class View:
     def __init__(self, fed: Federation, home: SiteHome | None = None, state: dict | None = None):
         self.fed, self.st, self.s = fed, fed.storage, fed.settings
         self.mode: Mode = mode_of(fed.settings)
         self.home = home  # None: a public view (status --storage), nothing kept locally
         self.state = state if state is not None else {}
+        self.chain = Chain(home)
+        self.junk: dict[str, str] = {}  # slot key -> why its object does not count (reported)
         self._lists: dict[str, set[str]] = {}
         self._blobs: dict[str, bytes] = {}
         self._seals: dict[int, dict | None] = {}
+        self._seal_sha: dict[int | None, str] = {}
         self._commits: dict[int, dict[str, tuple[str, dict]]] = {}
         self._merged: dict[int, dict[str, dict]] = {}
 
@@ -40,8 +100,19 @@ class View:
                 self._lists[prefix] = set(self.st.list_prefix(prefix))
         return self._lists[prefix]
 
-    def has(self, key: str) -> bool:
+    def listed(self, key: str) -> bool:
+        """Whether exactly this stored key (a slot) is listed."""
         return key in self.keys(layout.folder(key))
+
+    def slots(self, key: str) -> list[str]:
+        """The listed slots of logical key `key`, in slot order."""
+        listed = self.keys(layout.folder(key))
+        return [s for i in range(layout.MAX_SLOTS) if (s := layout.slot(key, i)) in listed]
+
+    def has(self, key: str) -> bool:
+        """A hint from the listing: some slot of `key` is listed and not known to be junk.
+        What counts is what `resolve` verifies."""
+        return any(s not in self.junk for s in self.slots(key))
 
     def get(self, key: str, lister: str | None = None) -> bytes:
         """The bytes of `key`. `lister`: the object that vouches for it; if it is gone,
@@ -74,24 +145,78 @@ class View:
         r = layout.round_of(key)
         if r is not None:
             self._commits.pop(r, None)
+            self._merged.pop(r, None)
             if not self._seals.get(r):
                 self._seals.pop(r, None)
+
+    # -- slots -------------------------------------------------------------------------------
+    def verified(self, key: str, at: str, kind: str, author: str | None = None) -> tuple[bytes, dict] | None:
+        """(bytes, body or envelope header) of the object at slot `at` of `key` if it verifies
+        as `kind` (by `author`; a seal: by a participant); else None, and the junk is noted."""
+        try:
+            data = self.get(at)
+        except FileNotFoundError:
+            return None
+        try:
+            if layout.kind_of(key)[1]:  # an envelope: signature and binding (decrypting is the caller's)
+                want = self.fed.expect(kind, name=key, **({"author": author} if author else {}))
+                got = crypto.verify_envelope(data, authors=self.fed.members, name=key, expect=want)
+            else:
+                got = read_record(self.fed, key, kind, author, data=data)
+            if kind == "seal" and got.get("author") not in self.participants:  # decided by bytes alone
+                raise IntegrityError(f"{key}: sealed by {got.get('author')!r}, who is not a participant")
+            return data, got
+        except IntegrityError as exc:
+            self.junk[at] = exc.message
+            return None
+
+    def resolve(self, key: str, kind: str, author: str | None = None) -> tuple[str, bytes, dict] | None:
+        """(slot, bytes, body or header) of the first slot of `key` whose object verifies."""
+        for at in self.slots(key):
+            found = self.verified(key, at, kind, author)
+            if found is not None:
+                return at, *found
+        return None
+
+    def record(self, key: str, kind: str, author: str | None = None) -> dict | None:
+        """The verified body of the record `key`, or None (absent, or only junk there)."""
+        found = self.resolve(key, kind, author)
+        return found[2] if found else None
+
+    def find(self, key: str, sha: str, lister: str) -> bytes | None:
+        """The bytes in a slot of `key` whose sha256 is `sha` (what `lister` lists); None if
+        no slot holds them. Nothing listed at all: `lister` vouches for a deleted object."""
+        slots = self.slots(key)
+        if not slots:
+            self.get(key, lister)  # raises: listed but missing (or returns what a listing missed)
+            slots = [key]
+        return next((self.get(s) for s in slots if crypto.sha256_hex(self.get(s)) == sha), None)
+
+    def junk_at(self, key: str) -> str:
+        """' (junk: ...)' for the slots of `key` whose objects do not count, for messages."""
+        why = [self.junk[s] for s in self.slots(key) if s in self.junk]
+        return f" (junk: {'; '.join(why)})" if why else ""
 
     # -- membership of the run ---------------------------------------------------------------
     def start_seal(self) -> dict | None:
         """The verified start seal (fingerprints/SEAL.json): who takes part, since when."""
         if "participants" in self.state:
             return {"participants": self.state["participants"], "sealed_at": self.state["started_at"]}
-        if not self.has(layout.FINGERPRINT_SEAL):
+        return self._read_start_seal()
+
+    def _read_start_seal(self) -> dict | None:
+        found = self.resolve(layout.FINGERPRINT_SEAL, "fingerprint-seal")
+        if found is None:
             return None
-        body = read_record(self.fed, layout.FINGERPRINT_SEAL, "fingerprint-seal",
-                           data=self.get(layout.FINGERPRINT_SEAL))
+        at, data, body = found
         parts = body.get("participants")
         if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts) \
                 or parts != sorted(set(parts)) or not set(parts) <= set(self.fed.members) \
                 or len(parts) < self.s.sites or type(body.get("sealed_at")) is not int:
-            raise IntegrityError(f"{layout.FINGERPRINT_SEAL}: participants {parts} are not "
-                                 f"{self.s.sites}+ members in name order")
+            raise IntegrityError(f"{layout.FINGERPRINT_SEAL}: participants {parts} (sealed by {body['author']}) "
+                                 f"are not {self.s.sites}+ members in name order")
+        self._seal_sha[None] = crypto.sha256_hex(data)
+        self.chain.keep_seal(None, at, self._seal_sha[None])
         return body
 
     @property
@@ -105,33 +230,57 @@ class View:
 
     # -- rounds ------------------------------------------------------------------------------
     def seal(self, r: int) -> dict | None:
-        """The verified seal of round r, or None. Kept in the site home once verified."""
+        """The verified seal of round r, or None. Kept in the site home once verified; a
+        seal this site adopted that the storage no longer shows is an integrity error."""
         if r in self._seals:
             return self._seals[r]
         kept = self.home.dir / "work" / "seals" / f"{r:05d}.json" if self.home else None
-        if kept is not None and kept.exists():
+        if kept is not None and kept.exists() and self.chain.seal(r):
             body = json.loads(kept.read_text())
-        elif self.has(layout.seal(r)):
-            body = read_record(self.fed, layout.seal(r), "seal", data=self.get(layout.seal(r)))
+        elif (found := self.resolve(layout.seal(r), "seal")) is not None:
+            at, data, body = found
             self._check_seal(r, body)
+            self._seal_sha[r] = crypto.sha256_hex(data)
+            self.chain.keep_seal(r, at, self._seal_sha[r])
             if kept is not None:
                 kept.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(kept, json.dumps(body).encode())
+        elif self.chain.seal(r):
+            raise IntegrityError(f"{layout.seal(r)}: the seal of round {r} this site adopted is gone from the "
+                                 f"storage{self.junk_at(layout.seal(r))}",
+                                 "someone deleted or replaced it; restore it and alert the members")
         else:
             body = None
         self._seals[r] = body
         return body
 
+    def seal_sha(self, r: int | None) -> str | None:
+        """sha256 of the stored bytes of round r's seal (None: the start seal), as adopted."""
+        kept = self.chain.seal(r)
+        if kept is not None:
+            return kept["sha256"]
+        if r is None:
+            self._read_start_seal()  # also where the participants are kept already
+        else:
+            self.seal(r)
+        return self._seal_sha.get(r)
+
+    def previous_seal(self, r: int) -> str | None:
+        """What round r's seal must name as `previous`: the seal of r-1, or the start seal."""
+        return self.seal_sha(r - 1 if r - 1 >= self.mode.first_round else None)
+
     def _check_seal(self, r: int, body: dict) -> None:
-        key, parts = layout.seal(r), self.participants
+        key, parts, by = layout.seal(r), self.participants, body.get("author")
         contrib = body.get("contributions")
         if body.get("round") != r or not isinstance(contrib, dict) or not contrib \
                 or not all(isinstance(v, str) for v in contrib.values()):
-            raise IntegrityError(f"{key}: malformed seal")
-        if body.get("author") not in parts:
-            raise IntegrityError(f"{key}: sealed by {body.get('author')!r}, who is not a participant")
+            raise IntegrityError(f"{key}: malformed seal by {by}")
         if not set(contrib) <= set(parts):
-            raise IntegrityError(f"{key}: lists non-participants {sorted(set(contrib) - set(parts))}")
+            raise IntegrityError(f"{key}: sealed by {by}, lists non-participants {sorted(set(contrib) - set(parts))}")
+        if body.get("previous") != self.previous_seal(r):
+            raise IntegrityError(f"{key}: names another previous seal than the one this site kept "
+                                 f"({str(body.get('previous'))[:16]}, kept {str(self.previous_seal(r))[:16]}; "
+                                 f"sealed by {by})")
         if r == 0:
             if list(contrib) != [min(parts)]:
                 raise IntegrityError(f"{key}: the initial model must come from {min(parts)}")
@@ -139,16 +288,36 @@ class View:
             opened = self.opened_at(r)
             if body.get("opened_at") != opened:
                 raise IntegrityError(f"{key}: claims round {r} opened at {body.get('opened_at')}, "
-                                     f"not at {opened} when round {r - 1} was sealed")
+                                     f"not at {opened} when round {r - 1} was sealed (sealed by {by})")
             if len(contrib) < len(parts) and (
                     body.get("reason") != "deadline" or len(contrib) < self.s.effective_quorum
                     or not isinstance(body.get("sealed_at"), int)
                     or body["sealed_at"] + CLOCK_SKEW_S < opened + self.s.deadline_s):
-                raise IntegrityError(f"{key}: sealed with {len(contrib)} contributions before the deadline")
+                raise IntegrityError(f"{key}: sealed with {len(contrib)} contributions before the deadline "
+                                     f"(sealed by {by})")
         commits = self.commits(r)
         for site, sha in contrib.items():
             if site not in commits or commits[site][0] != sha:
-                raise IntegrityError(f"{layout.commit(r, site)}: missing or not the commit the seal lists")
+                raise IntegrityError(f"{layout.commit(r, site)}: missing or not the commit the seal lists"
+                                     f"{self.junk_at(layout.commit(r, site))}")
+
+    def recheck_head(self) -> None:
+        """The latest seal this site adopted must still be in the storage, byte for byte
+        (one request, however long the federation ran)."""
+        head = self.chain.head()
+        if head is None:
+            return
+        r, kept = head
+        name = "the start seal" if r is None else f"the seal of round {r}"
+        try:
+            data = self.st.get(kept["key"])
+        except FileNotFoundError:
+            raise IntegrityError(f"{kept['key']}: {name}, which this site adopted, is gone from the storage",
+                                 "someone deleted it; restore it and alert the members") from None
+        if crypto.sha256_hex(data) != kept["sha256"]:
+            raise IntegrityError(f"{kept['key']}: {name} differs from the one this site adopted "
+                                 f"({kept['sha256'][:16]}, now {crypto.sha256_hex(data)[:16]})",
+                                 "the storage shows another history than before (a fork); alert the members")
 
     def opened_at(self, r: int) -> int:
         """When round r opened: when round r-1 was sealed (the start, for the first round)."""
@@ -172,18 +341,19 @@ class View:
             found = {}
             for s in self.committed(r):
                 key = layout.commit(r, s)
-                data = self.get(key)
-                body = read_record(self.fed, key, "commit", s, data=data)
-                if body.get("round") != r:
-                    raise IntegrityError(f"{key}: commit claims round {body.get('round')}")
-                found[s] = (crypto.sha256_hex(data), body)
+                got = self.resolve(key, "commit", s)
+                if got is None:
+                    continue
+                if got[2].get("round") != r:
+                    raise IntegrityError(f"{key}: commit claims round {got[2].get('round')}")
+                found[s] = (crypto.sha256_hex(got[1]), got[2])
             self._commits[r] = found
         return self._commits[r]
 
     def merge_records(self, r: int) -> dict[str, dict]:
         """site -> verified merge record (`rounds/<r>/merged/<site>.json`) of the participants."""
         if r not in self._merged:
-            self._merged[r] = {s: read_record(self.fed, layout.merged(r, s), "merged", s,
-                                              data=self.get(layout.merged(r, s)))
-                               for s in self.participants if self.has(layout.merged(r, s))}
+            self._merged[r] = {s: body for s in self.participants
+                               if self.has(layout.merged(r, s))
+                               and (body := self.record(layout.merged(r, s), "merged", s)) is not None}
         return self._merged[r]

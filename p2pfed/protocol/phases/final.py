@@ -16,7 +16,7 @@ def advance(t) -> str | None:
         crash_point("final")
         t.save(results_folder=str(folder), final_model=model, final_dice=dice)
         return "applied the final merge"
-    if not t.view.has(layout.final_metrics(t.site)):
+    if t.view.resolve(layout.final_metrics(t.site), "final", t.site) is None:
         payload = {"model": t.state["final_model"], "validation_dice": t.state.get("final_dice")}
         t.write.envelope(layout.final_metrics(t.site), "final", crypto.canonical_json(payload))
         return "published final metrics"

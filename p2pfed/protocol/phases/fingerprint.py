@@ -17,32 +17,33 @@ def advance(t) -> str | None:
     if not t.mode.shares_statistics or t.state.get("plan_sha256"):
         return None
     v, me = t.view, t.site
-    if not v.has(layout.summary(me)):
+    if v.resolve(layout.summary(me), "summary", me) is None:
         from ...node import check_schema
 
         check_schema(t.fed, me, ffe.dataset_info(dataset_json(t.config.nnunet_raw, t.config.dataset)))
         t.write.envelope(layout.summary(me), "summary", crypto.canonical_json(t.trainer.summary()))
         return "published fingerprint summary"
-    _all_there(t, layout.summary, "fingerprint summaries")
-    if not v.has(layout.histogram(me)):
+    _all_there(t, layout.summary, "summary", "fingerprint summaries")
+    if v.resolve(layout.histogram(me), "histogram", me) is None:
         summaries = payloads(t, layout.summary, "summary")
         ffe.merge_dataset_info({s: summaries[s]["dataset"] for s in summaries})  # names site and field
         hist = t.trainer.histograms(ffe.global_ranges(summaries))
         t.write.envelope(layout.histogram(me), "histogram", crypto.canonical_json(hist))
         return "published histograms"
-    _all_there(t, layout.histogram, "histograms")
+    _all_there(t, layout.histogram, "histogram", "histograms")
     return None
 
 
-def _all_there(t, key_of, what: str) -> None:
-    missing = [s for s in t.view.participants if not t.view.has(key_of(s))]
+def _all_there(t, key_of, kind: str, what: str) -> None:
+    missing = [s for s in t.view.participants if t.view.resolve(key_of(s), kind, s) is None]
     if missing:
         raise Wait("fingerprint", f"waiting for {what}", missing)
 
 
 def payloads(t, key_of, kind: str) -> dict[str, dict]:
     """Every participant's decrypted payload of `kind` (summaries, histograms, plans)."""
-    return {s: json.loads(read_envelope(t.fed, key_of(s), kind, t.me, author=s, blob=t.view.get(key_of(s)))[1])
+    return {s: json.loads(read_envelope(t.fed, key_of(s), kind, t.me, author=s,
+                                        blob=t.view.resolve(key_of(s), kind, s)[1])[1])
             for s in t.view.participants}
 
 

@@ -19,12 +19,12 @@ def advance(t) -> str | None:
     builder = min(v.participants)
     if t.site != builder:
         raise Wait("round", f"waiting for the initial model from {builder}", [builder], rnd=0)
-    if t.site not in v.committed(0):
+    if v.record(layout.commit(0, t.site), "commit", t.site) is None:
         upload(t, 0, t.trainer.initial_weights(), {"cases": 1, "metrics": {}}, base=None)
         return "published the initial model"
     now = int(time.time())
     body = {"round": 0, "contributions": {t.site: v.commits(0)[t.site][0]}, "reason": "initial",
-            "opened_at": now, "sealed_at": now}
+            "opened_at": now, "sealed_at": now, "previous": v.previous_seal(0)}
     return f"sealed {layout.seal(0)}" if t.write.claim(layout.seal(0), "seal", body) else ""
 
 

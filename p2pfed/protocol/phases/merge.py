@@ -13,7 +13,6 @@ from pathlib import Path
 from ... import crypto, layout
 from ...errors import ContributionRejected, FederationHalted, SetupError
 from ...faults import crash_point
-from ...objects import read_record
 from ...site import atomic_write
 from ..contribution import Contribution, InputCheck, read_contribution, read_shard_plain
 
@@ -48,7 +47,7 @@ def next_unmerged(t, current: int) -> int | None:
     """The oldest sealed round (before `current`) that this site has not merged."""
     r = t.state.get("merged_upto", t.mode.first_round - 1) + 1
     while r < current and r <= t.s.rounds:
-        if _record(t, r) is None or (r > 0 and not t.view.has(layout.merged(r, t.site))):
+        if _record(t, r) is None or (r > 0 and t.view.record(layout.merged(r, t.site), "merged", t.site) is None):
             return r
         t.save(merged_upto=r)
         r += 1
@@ -62,11 +61,24 @@ def merge_round(t, r: int) -> str:
     if r == 0:
         return "adopted the initial model"
     record = _record(t, r)
-    t.write.record(layout.merged(r, t.site), "merged", {k: record[k] for k in ("round", "result", "per_site",
-                                                                             "excluded")})
+    t.write.record(layout.merged(r, t.site), "merged", published(t, r, record))
     t.save(unconfirmed={**t.state.get("unconfirmed", {}), str(r): [t.site]})
     confirm(t)
-    return f"merged round {r}"
+    why = "; ".join(f"excluded {why}" for _, why in sorted(record["excluded"].items()))
+    return f"merged round {r}" + (f" ({why})" if why else "")
+
+
+def published(t, r: int, record: dict) -> dict:
+    """The merge record's body: hashes and site names only. Why a contribution was
+    excluded (norms, tensor names, shapes) goes into an envelope for the participants,
+    referenced by its hash."""
+    reasons = None
+    if record["excluded"]:
+        key = layout.merge_reasons(r, t.site)
+        sha = t.write.envelope(key, "reasons", crypto.canonical_json(record["excluded"]), round=r)
+        reasons = {"key": key, "sha256": sha}
+    return {"round": r, "result": record["result"], "per_site": record["per_site"], "seal": record["seal"],
+            "previous": record["previous"], "excluded": sorted(record["excluded"]), "reasons": reasons}
 
 
 def _compute(t, r: int) -> None:
@@ -117,9 +129,12 @@ def _compute(t, r: int) -> None:
         own = crypto.model_hash([crypto.sha256_hex(p.read_bytes()) for p in sorted(out.glob("*.safetensors"))])
     else:
         own = per_site[target]
+    # the chain: the seal this merge read and the result it built on (round 1: none published)
     record = {"round": r, "result": crypto.hash_json(per_site), "per_site": per_site, "own": own,
-              "excluded": excluded}
+              "excluded": excluded, "seal": t.view.seal_sha(r),
+              "previous": previous["result"] if previous and r - 1 >= 1 else None}
     atomic_write(out / "merged.json", json.dumps(record).encode())  # last: marks the merge complete
+    t.view.chain.keep_merge(r, record["result"])
 
 
 def _keep(out: Path, target: str | None):
@@ -138,6 +153,9 @@ def _stream(t, contributions: dict[str, Contribution], load, sink=None) -> dict[
     return stream_merge(load, counts, weights=weights, layers=t.s.layers, sink=sink)
 
 
+CHAINED = ("seal", "result", "previous")  # what every participant's merge record must agree on
+
+
 def confirm(t) -> None:
     """Compare this site's merge results with the other participants' records that
     appeared since the last tick; halt on any difference. A round leaves the list once
@@ -146,20 +164,34 @@ def confirm(t) -> None:
     if not pending:
         return
     for rs, checked in sorted(pending.items()):
-        r, result = int(rs), _record(t, int(rs))["result"]
+        r, ours = int(rs), _record(t, int(rs))
         for site in t.view.participants:
             if site in checked or not t.view.has(layout.merged(r, site)):
                 continue
-            other = read_record(t.fed, layout.merged(r, site), "merged", site, data=t.view.get(layout.merged(r, site)))
-            if other.get("result") != result:
-                raise FederationHalted(f"round {r}: the merge computed by {site} differs from {t.site}'s",
-                                       "compare p2pfed versions of the two sites; no round after it is trusted")
+            other = t.view.record(layout.merged(r, site), "merged", site)
+            if other is None:  # only junk there: reported, and looked at again on a later tick
+                continue
+            differs = [f"{k} {str(other.get(k))[:16]} != {str(ours.get(k))[:16]}" for k in CHAINED
+                       if other.get(k) != ours.get(k)]
+            if differs:
+                raise FederationHalted(f"round {r}: the merge computed by {site} differs from {t.site}'s "
+                                       f"({', '.join(differs)})",
+                                       "compare p2pfed versions of the two sites and the seal each merged; "
+                                       "no round after it is trusted")
             checked = [*checked, site]
         pending = {**pending, rs: checked}
         if set(checked) >= set(t.view.participants):
             del pending[rs]
     if pending != t.state.get("unconfirmed"):
         t.save(unconfirmed=pending)
+
+
+def recheck_head(t) -> None:
+    """Every tick, also after the federation finished: the latest seal this site adopted
+    is still in the storage byte for byte, and merge records that appeared since agree
+    (a constant number of requests, not one per round)."""
+    t.view.recheck_head()
+    confirm(t)
 
 
 def _adopt(t, out: Path, merged_by_site: dict[str, list[bytes]]) -> None:

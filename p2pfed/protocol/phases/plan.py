@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from ... import crypto, ffe, layout
 from ...errors import FederationHalted
-from ...objects import read_record
 from ..wait import Wait
 from .fingerprint import federated_fingerprint, payloads
 
@@ -22,7 +21,7 @@ def advance(t) -> str | None:
         t.write.envelope(layout.plan(me), "plan", crypto.canonical_json(summary))
         t.save(plan_sha256=crypto.hash_json(summary))
         return "planned and preprocessed"
-    if not v.has(layout.plan_hash(me)):
+    if v.record(layout.plan_hash(me), "plan-hash", me) is None:
         t.write.record(layout.plan_hash(me), "plan-hash", {"plan_sha256": t.state["plan_sha256"]})
         return "published plan hash"
     if t.mode.plans_must_agree:
@@ -33,11 +32,11 @@ def advance(t) -> str | None:
 
 def _check_agreement(t) -> None:
     v = t.view
-    missing = [s for s in v.participants if not v.has(layout.plan_hash(s))]
+    records = {s: v.record(layout.plan_hash(s), "plan-hash", s) for s in v.participants}
+    missing = [s for s, body in records.items() if body is None]
     if missing:
         raise Wait("plan", "waiting for the other sites' plans", missing)
-    hashes = {s: read_record(t.fed, layout.plan_hash(s), "plan-hash", s, data=v.get(layout.plan_hash(s)))
-              .get("plan_sha256") for s in v.participants}
+    hashes = {s: body.get("plan_sha256") for s, body in records.items()}
     if len(set(hashes.values())) > 1:
         plans = payloads(t, layout.plan, "plan")
         for s in v.participants:
