@@ -107,15 +107,20 @@ def test_malformed_envelope_headers_are_refused_naming_the_object(blob, why):
     assert exc.value.message.startswith(f"final/site1.p2pf: {why}"), exc.value.message
 
 
-def test_a_tick_that_meets_a_nan_commit_stops_with_one_line_exit_6(tmp_path):
-    """A commit with NaN, read while round 1 is being sealed: one line naming it, exit 6
-    (before, the signature check's re-encoding raised ValueError: exit 1)."""
+def test_a_nan_commit_is_junk_the_tick_reports_and_verify_names(tmp_path):
+    """A commit with NaN at site1's key, read while round 1 is being sealed (before, the
+    signature check's re-encoding raised ValueError: exit 1). It is not strict JSON, so
+    no one signed it: it counts as absent (a slot, docs/design.md 7.2), the tick waits for
+    site1 and reports it, and verify names it with exit 6."""
     fed = factory.make(tmp_path, n=2, mode="asym", rounds=1)
     fed.prepare()
     fed.run("site0", stop_after="upload")
-    fed.storage.put_new(layout.commit(1, "site1"), record(b'{"round":1,"x":NaN}'))
-    code, last = run_cli("round", "--site", "site0", "--home", fed.home)
     key = layout.commit(1, "site1")
+    fed.storage.put_new(key, record(b'{"round":1,"x":NaN}'))
+    report = fed.run("site0")
+    assert report.waiting_for == ["site1"]
+    assert f"{key}: {key}: not strict JSON: JSON constant NaN is not allowed" in report.junk
+    code, last = verify(fed)
     assert code == 6 and f"{key}: not strict JSON: JSON constant NaN is not allowed" in last, last
 
 
@@ -204,13 +209,16 @@ def test_verify_names_the_member_of_a_final_payload_against_its_schema(tmp_path,
     assert code == 6 and f"{key}: {why}" in last and "(signed by member 'site1')" in last, last
 
 
+MERGED = {"round": 1, "result": "0" * 64, "per_site": {}, "seal": "0" * 64, "previous": None, "excluded": [],
+          "reasons": None}  # a well-formed merge record body
+
+
 @pytest.mark.parametrize("key_of, kind, body, why", [
     (layout.plan_hash, "plan-hash", {"plan_sha256": 5}, "body.plan_sha256: expected a string, got 5"),
     (layout.plan_hash, "plan-hash", {"plan_sha256": "0" * 64, "extra": 1}, "body: has unknown field 'extra'"),
-    (lambda s: layout.merged(1, s), "merged", {"round": 1, "result": "0" * 64, "per_site": {"site0": 7},
-                                              "excluded": {}}, "body.per_site.site0: expected a string, got 7"),
-    (lambda s: layout.merged(1, s), "merged", {"round": -1, "result": "0" * 64, "per_site": {}, "excluded": {}},
-     "body.round: -1 is outside 0..9007199254740992"),
+    (lambda s: layout.merged(1, s), "merged", {**MERGED, "per_site": {"site0": 7}},
+     "body.per_site.site0: expected a string, got 7"),
+    (lambda s: layout.merged(1, s), "merged", {**MERGED, "round": -1}, "body.round: -1 is outside 0..9007199254740992"),
 ], ids=["plan-hash-type", "plan-hash-extra", "merged-per-site", "merged-round"])
 def test_verify_names_the_member_of_a_record_against_its_schema(tmp_path, key_of, kind, body, why):
     fed = factory.make(tmp_path, n=2)
@@ -220,31 +228,42 @@ def test_verify_names_the_member_of_a_record_against_its_schema(tmp_path, key_of
     assert code == 6 and f"{key_of('site1')}: {why} (signed by member 'site1')" in last, last
 
 
-def test_a_start_seal_against_its_schema_stops_the_tick_naming_the_member(tmp_path):
-    fed = factory.make(tmp_path, n=2, mode="asym")
+def test_a_start_seal_against_its_schema_is_junk_named_with_its_member(tmp_path):
+    """A member signs a start seal whose participants are a string: it does not count (the
+    first valid slot does), every site reports it naming the member, verify exits 6."""
+    fed = factory.make(tmp_path, n=2, mode="asym", rounds=1)
     ident, view = me(fed, "site1")
     objects.put_record(view, layout.FINGERPRINT_SEAL, "fingerprint-seal",
                        {"participants": "site0 site1", "sealed_at": 0}, ident)
-    code, last = run_cli("round", "--site", "site0", "--home", fed.home)
-    assert code == 6 and ("fingerprints/SEAL.json: body.participants: expected a list, got a string "
-                          "(signed by member 'site1')") in last, last
+    why = "body.participants: expected a list, got a string (signed by member 'site1')"
+    report = fed.run("site0")
+    assert any(line.startswith(layout.FINGERPRINT_SEAL) and why in line for line in report.junk), report.junk
+    fed.run_all()
+    assert fed.storage.exists(layout.FINGERPRINT_SEAL + ".1")  # the valid start seal took the next slot
+    code, last = verify(fed)
+    assert code == 6 and why in last, last
 
 
-def test_a_round_seal_against_its_schema_stops_the_tick_naming_the_member(tmp_path):
+def test_a_round_seal_against_its_schema_is_junk_named_with_its_member(tmp_path):
     """Every contribution is listed, so the seal's `reason` was never looked at: any
-    value passed. Now it must be one of all, deadline, initial."""
+    value passed. Now it must be one of all, deadline, initial, or the seal does not count."""
     fed = factory.make(tmp_path, n=2, mode="asym", rounds=1)
     fed.prepare()
     for s in fed.sites:
         fed.run(s, stop_after="upload")
-    ident, view = me(fed, "site1")
-    opened = json.loads(fed.path(layout.FINGERPRINT_SEAL).read_text())["body"]["sealed_at"]
-    commits = {s: crypto.sha256_hex(fed.path(layout.commit(1, s)).read_bytes()) for s in fed.sites}
-    objects.put_record(view, layout.seal(1), "seal", {"round": 1, "contributions": commits, "reason": "whenever",
-                                                      "opened_at": opened, "sealed_at": opened + 1}, ident)
-    code, last = run_cli("round", "--site", "site0", "--home", fed.home)
-    assert code == 6 and ("rounds/00001/SEAL.json: body.reason: 'whenever' is not of the form all|deadline|initial "
-                          "(signed by member 'site1')") in last, last
+    tick = fed.tick("site1")
+    commits = {s: sha for s, (sha, _) in tick.view.commits(1).items()}
+    opened = tick.view.opened_at(1)
+    objects.put_record(tick.fed, layout.seal(1), "seal", {"round": 1, "contributions": commits, "reason": "whenever",
+                                                          "opened_at": opened, "sealed_at": opened + 1,
+                                                          "previous": tick.view.previous_seal(1)}, tick.me)
+    why = "body.reason: 'whenever' is not of the form all|deadline|initial (signed by member 'site1')"
+    report = fed.run("site0")
+    assert any(line.startswith(layout.seal(1)) and why in line for line in report.junk), report.junk
+    fed.run_all()
+    assert fed.storage.exists(layout.seal(1) + ".1")
+    code, last = verify(fed)
+    assert code == 6 and why in last, last
 
 
 def test_federation_settings_of_the_wrong_type_are_refused_at_join(tmp_path):
