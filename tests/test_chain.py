@@ -201,4 +201,4 @@ def test_exclusion_reasons_are_only_in_envelopes_yet_members_see_them(tmp_path):
     assert status.build(f, home.identity())["rounds"][1]["excluded"] == {"site1": why}
     assert status.build(f, None)["rounds"][1]["excluded"] == {"site1": None}
     assert fed.merged_record("site0", 1)["excluded"] == {"site1": why}  # the site home keeps them
-    assert bad_keys(fed) == {}
+    assert bad_keys(fed) == {layout.meta(1, "site1"): why}  # verify names the member's malformed metadata
