@@ -30,6 +30,10 @@ def histogram(site: str) -> str:
 FINGERPRINT_SEAL = "fingerprints/SEAL.json"
 
 
+def declaration(site: str) -> str:
+    return f"declarations/{site}.p2pf"
+
+
 def plan(site: str) -> str:
     return f"plans/{site}.p2pf"
 
@@ -86,6 +90,7 @@ KINDS: list[tuple[re.Pattern, str, bool]] = [
     (re.compile(r"^fingerprints/([^/]+)/summary\.p2pf$"), "summary", True),
     (re.compile(r"^fingerprints/([^/]+)/histogram\.p2pf$"), "histogram", True),
     (re.compile(r"^fingerprints/SEAL\.json$"), "fingerprint-seal", False),
+    (re.compile(r"^declarations/([^/]+)\.p2pf$"), "declaration", True),
     (re.compile(r"^plans/([^/]+)\.p2pf$"), "plan", True),
     (re.compile(r"^plans/([^/]+)\.json$"), "plan-hash", False),
     (re.compile(r"^rounds/\d{5}/([^/]+)/[0-9a-f]{64}\.shard$"), "shard", True),

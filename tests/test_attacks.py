@@ -329,8 +329,9 @@ def test_a_member_with_another_plan_halts_the_federation_naming_both(tmp_path):
         plans = {**factory.PLANS, "configurations": {"2d": {"patch_size": [48, 32], "batch_size": 2}}}
 
     fed = factory.make(tmp_path)
-    # site0 is the first to see every plan hash: it names itself and the differing site
-    with pytest.raises(FederationHalted, match=r"plans of site0 and site1 differ in: configurations\.2d\."
+    # site2 is the first to see every plan hash (the declarations take the first sweep):
+    # it names itself and the differing site
+    with pytest.raises(FederationHalted, match=r"plans of site2 and site1 differ in: configurations\.2d\."
                                                 r"patch_size\[0\]: 32 != 48"):
         fed.run_all({"site1": OtherPlan})
 
@@ -339,8 +340,8 @@ def test_a_member_with_another_plan_halts_the_federation_naming_both(tmp_path):
 def test_ten_sites_race_to_seal_one_round(tmp_path):
     """(Racing create-only writes on the S3 server: tests/test_storage.py.)"""
     fed = factory.make(tmp_path, n=10, rounds=1)
-    for s in fed.sites * 4:
-        fed.run(s, stop_after="upload")  # plans agreed, round 0 sealed, every site committed round 1
+    for s in fed.sites * 5:
+        fed.run(s, stop_after="upload")  # declared, plans agreed, round 0 sealed, every site committed round 1
     ticks = [fed.tick(s) for s in fed.sites]
     start = threading.Barrier(len(ticks))
 

@@ -21,6 +21,22 @@ MAX_CASES = 10_000_000  # "absurd case counts" are refused beyond this
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
+def valid_cases(cases) -> bool:
+    """A case count is a JSON integer in 1..MAX_CASES (not a bool, not a float)."""
+    return type(cases) is int and 1 <= cases <= MAX_CASES
+
+
+def declared_cases(state: dict, site: str) -> int:
+    """A site's declared merge weight, from what this site verified and kept; a refused
+    (or absent) declaration rejects its contribution."""
+    refused = state.get("refused_declarations", {})
+    if site in refused:
+        raise ContributionRejected(refused[site])
+    if site not in state.get("declared", {}):
+        raise ContributionRejected(f"site {site!r}: has no declared case count")
+    return state["declared"][site]
+
+
 @dataclass(frozen=True)
 class Ref:
     key: str
@@ -84,15 +100,39 @@ def read_contribution(view: View, me, r: int, site: str, commit_sha: str, expect
         raise ContributionRejected(f"site {site!r}: round {r} metadata is not JSON") from None
     if not isinstance(meta, dict):
         raise ContributionRejected(f"site {site!r}: round {r} metadata is not an object")
-    cases = meta.get("cases")
-    if type(cases) is not int or not 1 <= cases <= MAX_CASES:
+    cases, declared = meta.get("cases"), declared_cases(view.state, site)
+    if not valid_cases(cases):
         raise ContributionRejected(f"site {site!r}: absurd case count {cases!r} in round {r}")
+    if r > 0 and cases != declared:  # the weight is the declaration (round 0, the initial model, is unweighted)
+        raise ContributionRejected(f"site {site!r}: round {r} metadata claims {cases} cases, "
+                                   f"it declared {declared}")
     if meta.get("base") != commit.base or meta.get("round") != r:
         raise ContributionRejected(f"site {site!r}: round {r} metadata disagrees with its commit")
     if expected_base is not None and commit.base != expected_base:
         raise ContributionRejected(f"site {site!r}: round {r} contribution is built on another base model")
     metrics = meta.get("metrics")
-    return Contribution(site, cases, commit, metrics if isinstance(metrics, dict) else {})
+    return Contribution(site, declared, commit, metrics if isinstance(metrics, dict) else {})
+
+
+def weight_shares(settings, declared: dict[str, int]) -> dict[str, "Fraction"]:
+    """The exact merge weights of `declared` contributors: their declared case counts
+    (uniform with `--weighting uniform`), each share capped at `max_weight_share` over
+    these contributors (p2pfed.merge.capped_weights)."""
+    from fractions import Fraction
+
+    from ..merge import capped_weights
+
+    if settings.weighting != "cases":
+        return {s: Fraction(1) for s in sorted(declared)}
+    cap = Fraction(str(settings.max_weight_share)) if settings.max_weight_share is not None else None
+    return capped_weights(declared, cap)
+
+
+def merge_weights(settings, declared: dict[str, int]) -> dict | None:
+    """What the merge multiplies with (None: uniform), converted once from `weight_shares`."""
+    from ..merge import as_merge_weights
+
+    return as_merge_weights(weight_shares(settings, declared)) if settings.weighting == "cases" else None
 
 
 def read_shard_plain(view: View, me, r: int, site: str, ref: Ref) -> bytes:
