@@ -82,8 +82,19 @@ def folder(key: str) -> str:
     return round_dir(r) if r is not None else key.split("/", 1)[0] if "/" in key else ""
 
 
+COMPLAINTS = "_complaints"  # starts with "_": no site can have that name
+
+
+def complaint(key: str, recipient: str) -> str:
+    """Where `recipient` complains about the envelope at `key`: in the folder a tick
+    already lists to find that object's neighbours, so others see it at no extra cost."""
+    where = folder(key)
+    return f"{where}/{COMPLAINTS}/{recipient}.json" if where else f"{COMPLAINTS}/{recipient}.json"
+
+
 # key pattern -> (kind, is_envelope). The group, if any, names the author site.
 KINDS: list[tuple[re.Pattern, str, bool]] = [
+    (re.compile(r"^(?:.+/)?_complaints/([^/]+)\.json$"), "complaint", False),  # first: it sits among others
     (re.compile(r"^federation\.json$"), "federation", False),
     (re.compile(r"^members/([^/]+)\.json$"), "member", False),
     (re.compile(r"^joins/([^/]+)\.json$"), "join", False),

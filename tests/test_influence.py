@@ -2,9 +2,13 @@
 
 - A site's merge weight is the case count it declared once, before training
   (`declarations/<site>.p2pf`), never what a round's metadata claims.
-- `--max-weight-share S` caps every contributor's share of a merge's weight."""
+- `--max-weight-share S` caps every contributor's share of a merge's weight.
+- A member that gives one recipient a broken content key halts every site, naming
+  the author and the recipient; storage tampering still reads as tampering."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import random
 from dataclasses import replace
@@ -12,15 +16,19 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives import hpke
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from typer.testing import CliRunner
 
 import factory
 from factory import NumpyTrainer
 from p2pfed import crypto, federation, layout, node, objects, shards, status
 from p2pfed.cli.app import app
-from p2pfed.errors import UsageError
+from p2pfed.crypto import Identity
+from p2pfed.errors import FederationHalted, IntegrityError, UsageError
 from p2pfed.merge import asym_fedavg
-from p2pfed.protocol.phases import merge
+from p2pfed.protocol.phases import merge, rounds
 
 def declared_payload(fed, site: str) -> dict:
     tick = fed.tick("site0")
@@ -229,3 +237,145 @@ def test_a_capped_merge_uses_the_capped_weights_and_is_the_same_at_every_site(tm
     results = {fed.merged_record(s, 2)["result"] for s in fed.sites}
     assert len(results) == 1
     assert {fed.merged_record(s, 2)["own"] for s in fed.sites} == {want}
+
+
+# --------------------------------------------------------------------------- a cheating author
+def forged(fed, key: str, kind: str, payload: bytes, author: Identity, recipients, victim: str, how: str,
+           **binding) -> bytes:
+    """What a patched node writes: a validly signed envelope whose wrapped key for `victim`
+    is not the content key every other recipient gets (another key, or junk)."""
+    suite = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+    content, other = AESGCM.generate_key(bit_length=256), AESGCM.generate_key(bit_length=256)
+    wrapped = {s: base64.b64encode(suite.encrypt(other if s == victim else content,
+                                                 X25519PublicKey.from_public_bytes(pub.encrypt_key),
+                                                 info=crypto.KEYWRAP_INFO + s.encode())).decode()
+               for s, pub in sorted(recipients.items())}
+    if how == "junk":
+        wrapped[victim] = base64.b64encode(b"\x07" * 80).decode()
+    header = {**binding, "federation": fed.id, "kind": kind, "name": key, "author": author.site,
+              "plaintext_sha256": crypto.sha256_hex(payload), "plaintext_size": len(payload),
+              "chunk_size": crypto.CHUNK_SIZE, "recipients": wrapped}
+    if hasattr(crypto, "key_commitment"):  # the new header field; the test also runs on older code
+        header["key_commitment"] = crypto.key_commitment(content)
+    head = crypto.canonical_json(header)
+    prefix = crypto.PREFIX.pack(crypto.MAGIC, crypto.FORMAT_VERSION, crypto.SUITE_ID, len(head)) + head
+    chunk = AESGCM(content).encrypt(b"\x00" * 11 + b"\x01", payload, hashlib.sha256(prefix).digest())
+    return prefix + author.sign(crypto.ENVELOPE_DOMAIN + prefix) + chunk
+
+
+def all_halt(fed, sweeps: int = 6) -> dict[str, FederationHalted]:
+    """Tick every site round-robin until each one halts; site -> its FederationHalted."""
+    halted = {}
+    for _ in range(sweeps):
+        for site in fed.sites:
+            if site in halted:
+                continue
+            try:
+                fed.run(site)
+            except FederationHalted as exc:
+                halted[site] = exc
+        if len(halted) == len(fed.sites):
+            return halted
+    raise AssertionError(f"only {sorted(halted)} halted")
+
+
+HALT = ("site2 reports that site1 gave it a content key that does not open {key}; "
+        "site1 cheated or site2 lies, for a person to decide")
+
+
+@pytest.mark.parametrize("how", ["other key", "junk"])
+def test_a_member_that_gives_one_recipient_a_broken_key_in_a_round_halts_every_site(tmp_path, how):
+    """Attack 5: site1's round 1 metadata opens for site0, not for site2."""
+    fed = factory.make(tmp_path, rounds=2)
+    fed.prepare("initial model", sweeps=4)
+    fed.run("site1", stop_after="train")
+    tick = fed.tick("site1")
+    _, meta, base = rounds.cached_training(tick, 1)
+    payload = crypto.canonical_json({**meta, "round": 1, "base": base})
+    key = layout.meta(1, "site1")
+    fed.storage.put_new(key, forged(tick.fed, key, "meta", payload, tick.me, tick.view.recipients(), "site2", how,
+                                    round=1))
+    halted = all_halt(fed)
+    for site, exc in halted.items():
+        assert exc.message == HALT.format(key=key), site
+        assert exc.exit_code == 7
+    assert fed.storage.exists(layout.complaint(key, "site2"))
+    assert not fed.storage.exists(layout.merged(1, "site2"))
+
+
+def test_a_broken_key_in_the_fingerprint_exchange_halts_every_site_with_exit_7(tmp_path):
+    fed = factory.make(tmp_path)
+    fed.run("site0", stop_after="declare")
+    fed.run("site2", stop_after="declare")
+    tick = fed.tick("site1", stop_after="declare")
+    tick.run()
+    key = layout.summary("site1")
+    payload = crypto.canonical_json(NumpyTrainer("site1", tick.home).summary())
+    fed.storage.put_new(key, forged(tick.fed, key, "summary", payload, tick.me, tick.view.recipients(), "site2",
+                                    "other key"))
+    runner = CliRunner()
+    for _ in range(3):
+        for site in fed.sites:
+            try:
+                fed.run(site)
+            except FederationHalted:
+                pass
+    for site in fed.sites:  # as cron runs it: one line, exit 7, naming both
+        result = runner.invoke(app, ["round", "--site", site, "--home", str(fed.home)], terminal_width=400)
+        assert result.exit_code == 7, (site, result.output)
+        assert HALT.format(key=key) in " ".join(result.output.split()), site
+
+
+def test_storage_tampering_with_a_wrapped_key_still_reads_as_tampering(tmp_path):
+    """The storage swaps site2's wrapped key in site1's summary: the signature breaks,
+    exit 6, and no complaint is filed."""
+    fed = factory.make(tmp_path)
+    fed.prepare("declare", sweeps=1)
+    for site in ("site0", "site1"):
+        fed.run(site, stop_after="fingerprint")  # their summaries are out; site2 reads them next
+    key = layout.summary("site1")
+    blob = fed.path(key).read_bytes()
+    _, _, _, hlen = crypto.PREFIX.unpack_from(blob)
+    head = blob[crypto.PREFIX.size:crypto.PREFIX.size + hlen]
+    wrapped = json.loads(head)["recipients"]["site2"]
+    swapped = wrapped[:10] + ("A" if wrapped[10] != "A" else "B") + wrapped[11:]
+    fed.path(key).write_bytes(blob.replace(wrapped.encode(), swapped.encode()))
+    with pytest.raises(IntegrityError) as exc:
+        fed.run("site2")
+    assert not isinstance(exc.value, FederationHalted) and exc.value.exit_code == 6
+    assert exc.value.message == f"{key}: bad signature (claims to be from site1)"
+    assert not [k for k in factory.keys(fed) if "_complaints" in k]
+
+
+def test_a_complaint_not_signed_by_the_participant_it_names_is_ignored(tmp_path):
+    fed = factory.make(tmp_path, rounds=1)
+    fed.run("site0")
+    site0, stranger = fed.tick("site0"), Identity.generate("site2")
+    target = layout.meta(1, "site1")
+    body = {"object": target, "accused": "site1", "federation": site0.fed.id, "kind": "complaint",
+            "name": layout.complaint(target, "site2"), "author": "site2"}
+    fed.storage.put_new(layout.complaint(target, "site2"), crypto.sign_record(body, stranger))  # foreign key
+    objects.put_record(site0.fed, layout.complaint(target, "site0"), "complaint",  # names site0: signer ok,
+                       {"object": target, "accused": "site0"}, site0.me)  # but accuses itself
+    fed.storage.put_new(layout.complaint(layout.summary("site1"), "site1"), b"junk")
+    fed.run_all()
+    assert all(fed.tick(s).state.get("finished") for s in fed.sites)
+
+
+def test_a_version_1_envelope_is_refused_and_the_commitment_is_checked():
+    a, b = Identity.generate("a"), Identity.generate("b")
+    members = {"a": a.public(), "b": b.public()}
+    blob = crypto.seal(b"x", header={"kind": "t"}, author=a, recipients=members)
+    head = crypto.read_header(blob, "obj")
+    assert head["key_commitment"] and crypto.FORMAT_VERSION == 2
+    old = blob[:4] + b"\x01" + blob[5:]
+    with pytest.raises(IntegrityError, match="unsupported envelope version 1"):
+        crypto.open_sealed(old, reader=b, authors=members, name="obj")
+
+    class Fed:
+        id = "f"
+    bad = forged(Fed, "obj", "t", b"x", a, members, "b", "other key")
+    assert crypto.open_sealed(bad, reader=a, authors=members, name="obj")[1] == b"x"
+    with pytest.raises(IntegrityError) as exc:
+        crypto.open_sealed(bad, reader=b, authors=members, name="obj")
+    assert (exc.value.author, exc.value.recipient, exc.value.key, exc.value.exit_code) == ("a", "b", "obj", 7)

@@ -40,6 +40,10 @@ class View:
                 self._lists[prefix] = set(self.st.list_prefix(prefix))
         return self._lists[prefix]
 
+    def listed(self) -> set[str]:
+        """Every key the listings of this tick have shown so far."""
+        return set().union(*self._lists.values())
+
     def has(self, key: str) -> bool:
         return key in self.keys(layout.folder(key))
 
