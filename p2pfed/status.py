@@ -227,7 +227,9 @@ def render(doc: dict, console) -> None:
     console.print(f"mode {st['mode']}, {st['configuration']} fold {st['fold']}, {plural(st['rounds'], 'round')} x "
                   f"{plural(st['epochs_per_round'], 'epoch')} x {plural(st['iterations_per_epoch'], 'iteration')}; "
                   f"quorum {st['quorum'] or st['sites']}/{st['sites']}, deadline {duration(st['deadline_s'])}; "
-                  f"weighting {st['weighting']}, layers {st['layers']}")
+                  f"weighting {st['weighting']}"
+                  + (f" (max share {st['max_weight_share']:g})" if st.get("max_weight_share") else "")
+                  + f", layers {st['layers']}")
     phase = doc["phase"]
     where = phase["name"] + (f" {phase['round']}" if "round" in phase else "")
     console.print(f"[bold]Phase:[/] {where}" + (f"; waiting for {', '.join(phase['waiting_for'])}"

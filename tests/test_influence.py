@@ -124,6 +124,7 @@ def test_status_shows_members_the_declared_cases_and_shares_and_the_storage_noth
                                "site2": {"cases": 7, "share": 0.34}}
     text = CliRunner().invoke(app, ["status", "--site", "site0", "--home", str(fed.home)], terminal_width=200)
     assert text.exit_code == 0 and "5 (32.0%)" in text.stdout and "7 (34.0%)" in text.stdout
+    assert "weighting cases (max share 0.34), layers subset" in text.stdout
     public = status.document(None, None, fed.url, None)
     assert public["declared"] is None
     assert all(e["cases"] is None for r in public["rounds"] for e in r["sites"].values())
