@@ -183,6 +183,7 @@ def init(
     gpu_memory_target: float = typer.Option(8.0, "--gpu-memory-target", help="GPU memory target of the planner, GB."),
     no_final_validation: bool = NoFinalValidation, _final_validation: bool = FinalValidation,
     max_update_norm: Optional[float] = typer.Option(None, "--max-update-norm", help="Refuse updates whose L2 distance to the base model exceeds this times the base model's norm (off by default)."),
+    max_weight_share: Optional[float] = typer.Option(None, "--max-weight-share", help="Cap any one contributor's share of a merge's total weight at S, 0 < S <= 1 (off by default)."),
     nnunet_raw: Optional[str] = Raw, nnunet_preprocessed: Optional[str] = Pre,
     nnunet_results: Optional[str] = Res, device: str = Device,
     endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,
@@ -197,7 +198,7 @@ def init(
                         deadline_s=parse_duration(deadline), weighting=weighting, layers=layers,
                         trainer=trainer, planner=planner, plans_identifier=plans_identifier,
                         gpu_memory_target=gpu_memory_target, final_validation=not no_final_validation,
-                        max_update_norm=max_update_norm)
+                        max_update_norm=max_update_norm, max_weight_share=max_weight_share)
     opts = _local_options(site, dataset, nnunet_raw, nnunet_preprocessed, nnunet_results, device, endpoint, home)
     config, public = node.init(storage, opts, settings)
     from p2pfed.crypto import grouped
@@ -219,6 +220,7 @@ def init(
 def join(
     storage: str = typer.Argument(..., help="The federation's shared storage."),
     site: str = SiteOpt, dataset: str = Dataset,
+    max_weight_share: Optional[float] = typer.Option(None, "--max-weight-share", help="Cap any one contributor's share of a merge's total weight at S, 0 < S <= 1 (off by default)."),
     nnunet_raw: Optional[str] = Raw, nnunet_preprocessed: Optional[str] = Pre,
     nnunet_results: Optional[str] = Res, device: str = Device,
     endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,

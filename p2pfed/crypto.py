@@ -4,16 +4,21 @@
 - Identities: Ed25519 (signing) + X25519 (encryption) per site.
 - Signed records: canonical JSON body + Ed25519 signature (plaintext, no data statistics).
 - Envelopes: a signed header (binds federation, kind, round, name, author, plaintext
-  hash) + a random content key wrapped per recipient with HPKE (RFC 9180) + the payload
-  in AES-256-GCM chunks, STREAM style (counter nonce with a last-chunk flag, like age).
+  hash, key commitment) + a random content key wrapped per recipient with HPKE (RFC 9180)
+  + the payload in AES-256-GCM chunks, STREAM style (counter nonce with a last-chunk
+  flag, like age).
 
 Readers verify the signature before decrypting anything and check the plaintext hash
 after: AES-GCM is not key-committing, so the signed hash is what pins the plaintext.
-Every failure is an IntegrityError that names the object and says why."""
+The signed key commitment pins the content key: a wrapped key that does not unwrap to
+it was put there by the author (the storage cannot change a signed header), which is
+`AuthorCheated`, not tampering. Every failure is an IntegrityError that names the object
+and says why."""
 from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import struct
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -26,10 +31,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from . import schema
 from .schema import canonical_json  # the one encoder of canonical JSON (re-exported here)
-from .errors import IntegrityError
+from .errors import AuthorCheated, IntegrityError
 
 MAGIC = b"P2PF"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the header carries key_commitment
 SUITE_ID = 1  # HPKE(X25519, HKDF-SHA256, AES-256-GCM) + AES-256-GCM STREAM + Ed25519 + SHA-256
 PREFIX = struct.Struct(">4sBBI")  # magic, version, suite, header length
 SIG_LEN = 64
@@ -39,6 +44,7 @@ TAG_LEN = 16
 ENVELOPE_DOMAIN = b"p2pfed-envelope-v1\x00"
 RECORD_DOMAIN = b"p2pfed-record-v1\x00"
 KEYWRAP_INFO = b"p2pfed-keywrap-v1\x00"
+KEY_COMMITMENT_INFO = b"p2pfed-key-commitment-v1"
 _HPKE = hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
 _RAW = dict(encoding=serialization.Encoding.Raw, format=serialization.PublicFormat.Raw)
 
@@ -188,6 +194,12 @@ def _check_expected(fields: Mapping, expect: Mapping, name: str) -> None:
 
 
 # --------------------------------------------------------------------------- envelopes
+def key_commitment(key: bytes) -> str:
+    """HMAC-SHA256(content key, "p2pfed-key-commitment-v1") in hex: signed in the header,
+    so every recipient can check that it unwrapped the one key the author committed to."""
+    return hmac.new(key, KEY_COMMITMENT_INFO, hashlib.sha256).hexdigest()
+
+
 def _nonce(counter: int, last: bool) -> bytes:
     return counter.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
 
@@ -203,7 +215,8 @@ def seal(payload: bytes, *, header: Mapping[str, Any], author: Identity,
                                         info=KEYWRAP_INFO + site.encode()))
                for site, pub in sorted(recipients.items())}
     full = dict(header, author=author.site, plaintext_sha256=sha256_hex(payload),
-                plaintext_size=len(payload), chunk_size=chunk_size, recipients=wrapped)
+                plaintext_size=len(payload), chunk_size=chunk_size, recipients=wrapped,
+                key_commitment=key_commitment(key))
     head = canonical_json(full)
     if len(head) > MAX_HEADER:
         raise ValueError("envelope header too large")
@@ -257,6 +270,16 @@ def verify_envelope(blob: bytes, *, authors: Mapping[str, PublicIdentity], name:
     return header
 
 
+def _unwrap(wrapped: str, reader: Identity) -> bytes | None:
+    """The content key wrapped for `reader`, or None if it does not unwrap."""
+    try:
+        key = _HPKE.decrypt(base64.b64decode(wrapped, validate=True), reader.encryption_key,
+                            info=KEYWRAP_INFO + reader.site.encode())
+    except (InvalidTag, ValueError, TypeError):
+        return None
+    return key if len(key) == 32 else None
+
+
 def open_sealed(blob: bytes, *, reader: Identity, authors: Mapping[str, PublicIdentity],
                 name: str, expect: Mapping[str, Any] | None = None) -> tuple[dict, bytes]:
     """Verify, then decrypt. Returns (header, plaintext)."""
@@ -266,11 +289,15 @@ def open_sealed(blob: bytes, *, reader: Identity, authors: Mapping[str, PublicId
         raise IntegrityError(f"{name}: not encrypted for site {reader.site!r}",
                              "the object predates this site's admission, or was made for another federation")
     try:
-        key = _HPKE.decrypt(_unb64(wrapped, name), reader.encryption_key,
-                            info=KEYWRAP_INFO + reader.site.encode())
         size, chunk, want = int(header["plaintext_size"]), int(header["chunk_size"]), header["plaintext_sha256"]
-    except (InvalidTag, ValueError, KeyError, TypeError):
-        raise IntegrityError(f"{name}: cannot unwrap the content key with this site's key") from None
+    except (ValueError, KeyError, TypeError):
+        raise IntegrityError(f"{name}: envelope header lacks its sizes or plaintext hash") from None
+    commitment = header.get("key_commitment")
+    if not isinstance(commitment, str):
+        raise IntegrityError(f"{name}: envelope header lacks a key commitment")
+    key = _unwrap(wrapped, reader)
+    if key is None or not hmac.compare_digest(key_commitment(key).encode(), commitment.encode()):
+        raise AuthorCheated(header["author"], reader.site, name)
     end = PREFIX.size + PREFIX.unpack_from(blob)[3]
     aad = hashlib.sha256(blob[:end]).digest()
     body = memoryview(blob)[end + SIG_LEN:]

@@ -59,6 +59,20 @@ class ContributionRejected(IntegrityError):
     default_hint = "the named site must fix its node; its contribution is not merged"
 
 
+class AuthorCheated(IntegrityError):
+    """A validly signed envelope whose wrapped key for this site does not unwrap to the key
+    its signed header commits to: its author did it (the storage cannot change a signed
+    header). A tick turns it into a complaint and a FederationHalted (p2pfed.protocol.complaints)."""
+
+    exit_code = 7
+    default_hint = "a person must decide whether the author cheated; the federation halts at every site"
+
+    def __init__(self, author: str, recipient: str, key: str):
+        super().__init__(f"{key}: signed by {author}, but the content key it wrapped for {recipient} "
+                         "does not open it")
+        self.author, self.recipient, self.key = author, recipient, key
+
+
 class FederationHalted(P2PFedError):
     """Members disagree (plan or merge hashes differ): a person must look."""
 

@@ -60,6 +60,7 @@ class Settings:
     gpu_memory_target: float = 8.0
     final_validation: bool = True
     max_update_norm: float | None = None
+    max_weight_share: float | None = None  # cap on one contributor's share of a merge's weight
 
     def __post_init__(self):
         checks = [
@@ -77,6 +78,7 @@ class Settings:
             (self.max_update_norm is None or self.max_update_norm > 0, "--max-update-norm must be > 0"),
             # asym sites train from different merged models: no common base to measure against
             (self.max_update_norm is None or self.mode == "ffe", "--max-update-norm needs --mode ffe"),
+            (self.max_weight_share is None or 0 < self.max_weight_share <= 1, "--max-weight-share must be in (0, 1]"),
         ]
         for ok, message in checks:
             if not ok:

@@ -33,6 +33,10 @@ def histogram(site: str) -> str:
 FINGERPRINT_SEAL = "fingerprints/SEAL.json"
 
 
+def declaration(site: str) -> str:
+    return f"declarations/{site}.p2pf"
+
+
 def plan(site: str) -> str:
     return f"plans/{site}.p2pf"
 
@@ -78,8 +82,8 @@ def final_metrics(site: str) -> str:
 # free (or holds its own object), a reader the first slot whose object verifies. Anyone
 # can write junk at a predictable key; it then costs one slot, never the federation.
 MAX_SLOTS = 8
-SLOTTED = {"fingerprint-seal", "summary", "histogram", "plan", "plan-hash", "meta", "commit", "seal",
-           "merged", "reasons", "final"}
+SLOTTED = {"fingerprint-seal", "summary", "histogram", "declaration", "plan", "plan-hash", "meta", "commit",
+           "seal", "merged", "reasons", "final", "complaint"}
 _SLOT = re.compile(r"^(.+)\.([1-9])$")
 
 
@@ -109,6 +113,16 @@ def folder(key: str) -> str:
     return round_dir(r) if r is not None else key.split("/", 1)[0] if "/" in key else ""
 
 
+COMPLAINTS = "_complaints"  # starts with "_": no site can have that name
+
+
+def complaint(key: str, recipient: str) -> str:
+    """Where `recipient` complains about the envelope at `key`: in the folder a tick
+    already lists to find that object's neighbours, so others see it at no extra cost."""
+    where = folder(key)
+    return f"{where}/{COMPLAINTS}/{recipient}.json" if where else f"{COMPLAINTS}/{recipient}.json"
+
+
 # key pattern -> (kind, is_envelope, size cap in bytes). The group, if any, names the author
 # site. Caps are checked before download (storage.get): a record's is RECORD_MAX_BYTES; an
 # envelope's is its payload cap (schema.PAYLOAD_MAX_BYTES: a shard's tensor data, the
@@ -121,12 +135,14 @@ def _envelope(kind: str) -> int:
 
 
 KINDS: list[tuple[re.Pattern, str, bool, int]] = [
+    (re.compile(r"^(?:.+/)?_complaints/([^/]+)\.json$"), "complaint", False, _RECORD),  # first: it sits among others
     (re.compile(r"^federation\.json$"), "federation", False, _RECORD),
     (re.compile(r"^members/([^/]+)\.json$"), "member", False, _RECORD),
     (re.compile(r"^joins/([^/]+)\.json$"), "join", False, _RECORD),
     (re.compile(r"^fingerprints/([^/]+)/summary\.p2pf$"), "summary", True, _envelope("summary")),
     (re.compile(r"^fingerprints/([^/]+)/histogram\.p2pf$"), "histogram", True, _envelope("histogram")),
     (re.compile(r"^fingerprints/SEAL\.json$"), "fingerprint-seal", False, _RECORD),
+    (re.compile(r"^declarations/([^/]+)\.p2pf$"), "declaration", True, _envelope("declaration")),
     (re.compile(r"^plans/([^/]+)\.p2pf$"), "plan", True, _envelope("plan")),
     (re.compile(r"^plans/([^/]+)\.json$"), "plan-hash", False, _RECORD),
     (re.compile(r"^rounds/\d{5}/([^/]+)/[0-9a-f]{64}\.shard$"), "shard", True, _envelope("shard")),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -174,6 +175,38 @@ def _storage_id(array: np.ndarray, name: str) -> tuple:
     if array.size == 0:  # empty arrays may share any address: never aliases
         return ("empty", name)
     return (array.__array_interface__["data"][0], array.shape, array.strides)
+
+
+# --------------------------------------------------------------------------- the weights
+def capped_weights(cases: Mapping[str, int], cap: Fraction | None) -> dict[str, Fraction]:
+    """Merge weights from case counts such that no site's share of the total exceeds `cap`.
+
+    Water-filling, exact in fractions: sites over the cap are capped, the rest keep
+    weights proportional to their case counts, repeated until no site is over. A capped
+    site's weight is cap x U / (1 - k x cap) (U: the uncapped sites' cases, k: capped
+    sites), so its share is exactly `cap` and the uncapped weights stay the integer
+    case counts. When cap x n <= 1 no distribution but the uniform one can come closer
+    (with n x cap < 1 none satisfies the cap): every site gets weight 1.
+    Depends on the mapping only, not on its order."""
+    sites = sorted(cases)
+    if cap is None:
+        return {s: Fraction(cases[s]) for s in sites}
+    if cap * len(sites) <= 1:
+        return {s: Fraction(1) for s in sites}
+    capped: set[str] = set()
+    while True:
+        free = sum(cases[s] for s in sites if s not in capped)
+        level = cap * free / (1 - cap * len(capped))  # the weight of a capped site
+        over = {s for s in sites if s not in capped and cases[s] > level}
+        if not over:
+            return {s: level if s in capped else Fraction(cases[s]) for s in sites}
+        capped |= over
+
+
+def as_merge_weights(weights: Mapping[str, Fraction]) -> dict[str, int | float]:
+    """The one conversion to numbers the merge multiplies with: integers stay exact,
+    a capped weight is rounded once to the nearest float64 (Fraction.__float__)."""
+    return {s: int(w) if w.denominator == 1 else float(w) for s, w in sorted(weights.items())}
 
 
 # --------------------------------------------------------------------------- the merge

@@ -19,7 +19,7 @@ from .faults import after_write
 from .federation import Federation
 
 # Kinds whose failure rejects a member's contribution rather than stopping the reader.
-CONTRIBUTIONS = ("meta", "shard", "summary", "histogram", "commit")
+CONTRIBUTIONS = ("meta", "shard", "summary", "histogram", "commit", "declaration")
 # A commit's body is checked by protocol.contribution.parse_commit (schema.RECORDS["commit"]):
 # a malformed commit is a rejected contribution, named while the round waits, never a halt.
 _BODY_CHECKED_LATER = ("commit",)

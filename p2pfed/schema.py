@@ -317,6 +317,7 @@ RECORDS: dict[str, Obj] = {
     "seal": _RECORD.extend({"round": Count, "contributions": Map(Site, Hex64, 10_000),
                             "reason": Str("all|deadline|initial", 16), "opened_at": Time, "sealed_at": Time,
                             "previous": Hex64}),
+    "complaint": _RECORD.extend({"object": Str(r"[A-Za-z0-9_./-]+", 512), "accused": Site}),
     "merged": _RECORD.extend({"round": Count, "result": Hex64, "per_site": Map(Site, Hex64, 10_000),
                               "seal": Hex64, "previous": Opt(Hex64), "excluded": List(Site, 0, 10_000),
                               "reasons": Opt(Ref)}),
@@ -329,7 +330,7 @@ SIGNED_RECORD = Obj({"body": Map(Str(max_len=64), AnyJSON(), 64), "signer": Site
 ENVELOPE_HEADER = Obj({"federation": Str(r"[0-9A-Za-z_-]+", 64), "kind": Str(r"[a-z-]+", 32),
                        "name": Str(r"[A-Za-z0-9_./-]+", 512), "author": Site, "plaintext_sha256": Hex64,
                        "plaintext_size": Int(0, 2 ** 40), "chunk_size": Int(1, 1 << 30),
-                       "recipients": Map(Site, Str(B64, 256), 10_000)},
+                       "recipients": Map(Site, Str(B64, 256), 10_000), "key_commitment": Hex64},
                       {"round": Count})
 
 _Metric = Opt(Num())
@@ -352,6 +353,7 @@ PAYLOADS: dict[str, Schema] = {
     "final": Obj({"model": Hex64, "validation_dice": Opt(Map(Str(max_len=256), _Metric, MAX_LABELS + 1))}),
     "plan": Map(Str(max_len=256), AnyJSON(), 1000),
     "reasons": Map(Site, Str(max_len=MAX_REASON), 10_000),
+    "declaration": Obj({"cases": Int(1, MAX_CASES)}),
     "summary": Obj({"format": Const("p2pfed.ffe.summary/1"), "dataset": _DATASET_INFO,
                     "cases": List(_CASE, 0, MAX_SITE_CASES), "foreground": List(_FOREGROUND, 1, MAX_CHANNELS)}),
     "histogram": Obj({"format": Const("p2pfed.ffe.histogram/1"), "bins": Int(1, MAX_BINS),
@@ -373,6 +375,7 @@ _INFO_BYTES = 512 << 10  # dataset.json labels and channel names (MAX_LABELS nam
 PAYLOAD_MAX_BYTES: dict[str, int] = {
     "meta": 64 << 10,
     "final": 64 << 10,
+    "declaration": 1 << 10,
     "reasons": 4 << 20,  # why sites were excluded from a merge: about 1000 reasons of MAX_REASON
     "plan": 1 << 20,
     "summary": MAX_SITE_CASES * _CASE_BYTES + MAX_CHANNELS * _FOREGROUND_BYTES + _INFO_BYTES,

@@ -17,8 +17,9 @@ from .errors import P2PFedError, UsageError
 from .federation import Federation
 from .objects import read_envelope
 from .protocol import View
+from .protocol.contribution import weight_shares
+from .protocol.phases import declare, where
 from .protocol.view import Chain, head_hash
-from .protocol.phases import where
 from .storage import open_storage
 
 STATUS_FORMAT = "p2pfed-status/1"
@@ -61,6 +62,7 @@ def build(fed: Federation, reader: Identity | None, local: dict | None = None, v
                     if (body := view.record(k, "plan-hash", s)) is not None}
     doc["plan_details"] = {s: _plan_details(_decrypt(view, layout.plan(s), "plan", s, reader), fed.settings.configuration)
                            for s in doc["plans"] if reader is not None and layout.plan(s) in keys}
+    doc["declared"] = _declarations(view, reader)
     doc["rounds"] = _rounds(view, keys, reader)
     for s, key in sorted(layout.sites_in(keys, "final").items()):
         doc["final"][s] = _decrypt(view, key, "final", s, reader)
@@ -105,6 +107,22 @@ def _decrypt(view: View, key, kind, site, reader, **binding):
         return json.loads(read_envelope(view.fed, key, kind, reader, author=site, blob=found[1], **binding)[1])
     except P2PFedError as exc:
         return {"error": exc.message}
+
+
+def _declarations(view: View, reader) -> dict | None:
+    """A member's view: each participant's declared case count and its share of a merge's
+    weight when every participant contributes (cap applied). None without a reader: the
+    storage operator sees no case count."""
+    if reader is None:
+        return None
+    try:
+        declared, refused = declare.read_all(view, reader)
+    except P2PFedError as exc:
+        return {"error": exc.message}
+    shares = weight_shares(view.s, declared) if declared else {}
+    total = sum(shares.values())
+    return {**{s: {"cases": declared[s], "share": float(shares[s] / total)} for s in declared},
+            **{s: {"error": why} for s, why in refused.items()}}
 
 
 def _plan_details(plan: dict | None, configuration: str) -> dict | None:
@@ -249,7 +267,9 @@ def render(doc: dict, console) -> None:
     console.print(f"mode {st['mode']}, {st['configuration']} fold {st['fold']}, {plural(st['rounds'], 'round')} x "
                   f"{plural(st['epochs_per_round'], 'epoch')} x {plural(st['iterations_per_epoch'], 'iteration')}; "
                   f"quorum {st['quorum'] or st['sites']}/{st['sites']}, deadline {duration(st['deadline_s'])}; "
-                  f"weighting {st['weighting']}, layers {st['layers']}")
+                  f"weighting {st['weighting']}"
+                  + (f" (max share {st['max_weight_share']:g})" if st.get("max_weight_share") else "")
+                  + f", layers {st['layers']}")
     phase = doc["phase"]
     where = phase["name"] + (f" {phase['round']}" if "round" in phase else "")
     console.print(f"[bold]Phase:[/] {where}" + (f"; waiting for {', '.join(phase['waiting_for'])}"
@@ -273,14 +293,24 @@ def render(doc: dict, console) -> None:
 
 def _members_table(doc: dict, Table):
     members = Table(title="Members")
-    for col in ("site", "fingerprint", "admitted by", "plan"):
+    declared = doc.get("declared")
+    for col in ("site", "fingerprint", "admitted by", "plan") + (("declared cases (share)",) if declared else ()):
         members.add_column(col)
     for m in doc["members"]:
         members.add_row(m["site"], grouped(m["fingerprint"]), m["admitted_by"] or "-",
-                        (doc["plans"].get(m["site"]) or "-")[:12])
+                        (doc["plans"].get(m["site"]) or "-")[:12], *_declared_cell(declared, m["site"]))
     for p in doc["pending"]:
-        members.add_row(p["site"], grouped(p["fingerprint"]), "[yellow]pending[/]", "-")
+        members.add_row(p["site"], grouped(p["fingerprint"]), "[yellow]pending[/]", "-", *_declared_cell(declared, ""))
     return members
+
+
+def _declared_cell(declared: dict | None, site: str) -> tuple[str, ...]:
+    if not declared:
+        return ()
+    d = declared if isinstance(declared.get("error"), str) else declared.get(site)  # str: none readable
+    if not d:
+        return ("-",)
+    return (f"[red]{d['error']}[/]",) if "error" in d else (f"{d['cases']} ({d['share']:.1%})",)
 
 
 def _plans_table(doc: dict, Table):

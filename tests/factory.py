@@ -51,6 +51,9 @@ class NumpyTrainer:
     def check_ready(self) -> None:
         pass
 
+    def cases(self) -> int:
+        return cases_of(self.site)
+
     def _foreground(self) -> list[np.ndarray]:
         """Seeded 'foreground intensities' of this site's cases (one channel)."""
         rng = np.random.default_rng(cases_of(self.site))

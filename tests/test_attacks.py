@@ -339,8 +339,9 @@ def test_a_member_with_another_plan_halts_the_federation_naming_both(tmp_path):
         plans = {**factory.PLANS, "configurations": {"2d": {"patch_size": [48, 32], "batch_size": 2}}}
 
     fed = factory.make(tmp_path)
-    # site0 is the first to see every plan hash: it names itself and the differing site
-    with pytest.raises(FederationHalted, match=r"plans of site0 and site1 differ in: configurations\.2d\."
+    # site2 is the first to see every plan hash (the declarations take the first sweep):
+    # it names itself and the differing site
+    with pytest.raises(FederationHalted, match=r"plans of site2 and site1 differ in: configurations\.2d\."
                                                 r"patch_size\[0\]: 32 != 48"):
         fed.run_all({"site1": OtherPlan})
 
@@ -348,8 +349,8 @@ def test_a_member_with_another_plan_halts_the_federation_naming_both(tmp_path):
 # --------------------------------------------------------------------------- races and clocks
 def race_to_seal_round_1(fed) -> list[str]:
     """Every site commits round 1, then all tick at once; returns the sites that sealed."""
-    for s in fed.sites * 4:
-        fed.run(s, stop_after="upload")  # plans agreed, round 0 sealed, every site committed round 1
+    for s in fed.sites * 5:
+        fed.run(s, stop_after="upload")  # declared, plans agreed, round 0 sealed, every site committed round 1
     ticks = [fed.tick(s) for s in fed.sites]
     start = threading.Barrier(len(ticks))
 

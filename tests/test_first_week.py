@@ -131,6 +131,7 @@ def document(fed, site="site0"):
 
 def test_merge_agreed_only_when_every_participant_published(tmp_path):
     fed = factory.make(tmp_path, n=3, mode="asym", rounds=1, deadline_s=21600)
+    fed.prepare("declare", sweeps=1)  # every site declared its cases
     for s in fed.sites:  # the last one seals round 1 and merges it; the others have not yet
         fed.run(s)
     r1 = next(e for e in document(fed)["rounds"] if e["round"] == 1)
@@ -148,6 +149,7 @@ def rendered(doc) -> str:
 
 def test_status_orients(tmp_path):
     fed = factory.make(tmp_path, n=2, mode="asym", rounds=1, deadline_s=21600)
+    fed.prepare("declare", sweeps=1)  # both declared their cases
     fed.run("site0")
     text = rendered(document(fed))
     assert "1 round x 1 epoch x 250 iterations" in text and "deadline 6h;" in text

@@ -82,6 +82,7 @@ def test_quorum_seals_without_the_absent_site_and_it_catches_up(ffe_run):
         assert rounds[r]["seal"]["reason"] == "deadline"
         assert sorted(rounds[r]["seal"]["contributions"]) == ["SiteA", "SiteB"]
         assert rounds[r]["sites"][c]["missed"] and rounds[r]["merge_agreed"] is True
+        assert rounds[r]["excluded"] == {}  # nnU-Net trained on exactly the declared number of cases
     assert doc["phase"]["name"] == "done"
 
 
@@ -152,6 +153,8 @@ def test_status_plot_and_idle_tick(ffe_run, tmp_path):
 def test_asym_on_s3_with_interleaved_ticks(s3_server, tmp_path):
     storage = new_bucket(s3_server)
     sim = simulate.setup(tmp_path, 3, storage=storage, init_args=TINY + ["--mode", "asym", "--no-final-validation"])
+    for site in ("SiteB", "SiteC"):  # they declare their cases and wait: nobody trains before all have
+        assert "waiting for the case-count declarations of SiteA" in sim.cli("round", "--site", site).stdout
     # SiteA's first tick plans and trains round 1 (asym needs nobody else for that), as cron runs it
     quiet = sim.cli("round", "--site", "SiteA", "--quiet")
     assert quiet.stdout.count("\n") == 1 and quiet.stderr == "", quiet

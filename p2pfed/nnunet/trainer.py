@@ -4,12 +4,13 @@ nnU-Net reads its folders from the environment at import time, so nothing here
 imports it before a method that needs it runs (an idle tick never does)."""
 from __future__ import annotations
 
+import json
 import math
 import zipfile
 from pathlib import Path
 from typing import Callable
 
-from ..dataset import check_trainable, dataset_name
+from ..dataset import check_trainable, dataset_json, dataset_name
 from ..errors import SetupError
 from ..faults import crash_point
 from ..federation import Settings
@@ -24,6 +25,28 @@ def _finite(obj):
     if isinstance(obj, (list, tuple)):
         return [_finite(v) for v in obj]
     return None if isinstance(obj, float) and not math.isfinite(obj) else obj
+
+
+def fold_cases(raw: str, preprocessed: str, dataset: str, fold: int) -> int:
+    """The number of training cases of `fold`, as nnU-Net's `do_split` will pick them,
+    without importing nnU-Net (declared before preprocessing has run): the labelled
+    cases (counted as `check_trainable` counts them; a dataset whose files do not match
+    its file ending is refused later, by the fingerprint, with a better message);
+    splits_final.json if there is one; else the 5-fold KFold it will write (the first
+    n % 5 folds validate on one case more); a fold beyond the splits: its random 80:20."""
+    name = dataset_name(raw, dataset)
+    info = dataset_json(raw, dataset)
+    if isinstance(info.get("dataset"), dict):  # cases listed in dataset.json, not in imagesTr
+        n = len(info["dataset"])
+    else:
+        n = len([p for p in (Path(raw) / name / "labelsTr").glob("*") if not p.name.startswith(".")])
+    splits_file = Path(preprocessed) / name / "splits_final.json"
+    splits = json.loads(splits_file.read_text()) if splits_file.exists() else None
+    if fold >= (len(splits) if splits is not None else 5):
+        return int(n * 0.8)
+    if splits is not None:
+        return len(splits[fold]["train"])
+    return n - (n // 5 + (1 if fold % 5 < n % 5 else 0))
 
 
 class NnunetTrainer:
@@ -59,6 +82,9 @@ class NnunetTrainer:
     # -- LocalTrainer ----------------------------------------------------------------------
     def check_ready(self) -> None:
         check_trainable(self.config.nnunet_raw, self.config.nnunet_preprocessed, self.config.dataset, self.s.fold)
+
+    def cases(self) -> int:
+        return fold_cases(self.config.nnunet_raw, self.config.nnunet_preprocessed, self.config.dataset, self.s.fold)
 
     def check_checkpoint(self) -> None:
         """nnU-Net resumes from checkpoint_latest.pth (a torch zip); a truncated one (disk

@@ -16,6 +16,16 @@ from ..objects import read_envelope, read_json
 from .view import View
 
 
+def declared_cases(state: dict, site: str) -> int:
+    """A site's declared merge weight, from what this site verified and kept; a refused
+    (or absent) declaration rejects its contribution."""
+    refused = state.get("refused_declarations", {})
+    if site in refused:
+        raise ContributionRejected(refused[site])
+    if site not in state.get("declared", {}):
+        raise ContributionRejected(f"site {site!r}: has no declared case count")
+    return state["declared"][site]
+
 
 @dataclass(frozen=True)
 class Ref:
@@ -66,12 +76,36 @@ def read_contribution(view: View, me, r: int, site: str, commit_sha: str, expect
     if meta_blob is None:
         raise IntegrityError(f"{commit.meta.key}: not the metadata the commit lists")
     meta = read_json(view.fed, commit.meta.key, "meta", me, author=site, blob=meta_blob, round=r)[1]
-    cases = meta["cases"]  # an integer in 1..MAX_CASES: schema.PAYLOADS["meta"]
+    cases, declared = meta["cases"], declared_cases(view.state, site)  # 1..MAX_CASES: schema.PAYLOADS["meta"]
+    if r > 0 and cases != declared:  # the weight is the declaration (round 0, the initial model, is unweighted)
+        raise ContributionRejected(f"site {site!r}: round {r} metadata claims {cases} cases, "
+                                   f"it declared {declared}")
     if meta.get("base") != commit.base or meta.get("round") != r:
         raise ContributionRejected(f"site {site!r}: round {r} metadata disagrees with its commit")
     if expected_base is not None and commit.base != expected_base:
         raise ContributionRejected(f"site {site!r}: round {r} contribution is built on another base model")
-    return Contribution(site, cases, commit, meta["metrics"])
+    return Contribution(site, declared, commit, meta["metrics"])
+
+
+def weight_shares(settings, declared: dict[str, int]) -> dict[str, "Fraction"]:
+    """The exact merge weights of `declared` contributors: their declared case counts
+    (uniform with `--weighting uniform`), each share capped at `max_weight_share` over
+    these contributors (p2pfed.merge.capped_weights)."""
+    from fractions import Fraction
+
+    from ..merge import capped_weights
+
+    if settings.weighting != "cases":
+        return {s: Fraction(1) for s in sorted(declared)}
+    cap = Fraction(str(settings.max_weight_share)) if settings.max_weight_share is not None else None
+    return capped_weights(declared, cap)
+
+
+def merge_weights(settings, declared: dict[str, int]) -> dict | None:
+    """What the merge multiplies with (None: uniform), converted once from `weight_shares`."""
+    from ..merge import as_merge_weights
+
+    return as_merge_weights(weight_shares(settings, declared)) if settings.weighting == "cases" else None
 
 
 def read_shard_plain(view: View, me, r: int, site: str, ref: Ref) -> bytes:

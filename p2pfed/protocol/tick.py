@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..errors import IntegrityError
+from ..errors import AuthorCheated, IntegrityError
 from ..federation import Federation, check_versions
 from ..site import SiteConfig, SiteHome
+from . import complaints
 from .phases import PHASES, STEPS, merge
 from .trainer import LocalTrainer
 from .view import View
@@ -64,6 +65,7 @@ class Tick:
             trainer = NnunetTrainer(config, fed.settings, say, progress)
         self.trainer = trainer
         self.report = Report(config.site)
+        self.complaints_seen: set[str] = set()  # complaint keys already looked at
 
     def run(self) -> Report:
         try:
@@ -87,19 +89,9 @@ class Tick:
         if not self.state.get("finished"):
             check_versions(self.fed)  # before this site shares or merges anything
             try:
-                for phase in PHASES:
-                    self.enter(getattr(phase, "STEPS", (phase.NAME,))[0])
-                    self.report.phase = phase.NAME
-                    for _ in range(MAX_STEPS):
-                        action = phase.advance(self)
-                        if action is None:
-                            break
-                        if action:
-                            self.report.actions.append(action)
-                            self.say(action)
-                    else:  # a phase must finish or wait; looping on means a bug, not a slow tick
-                        raise RuntimeError(f"phase {phase.NAME!r} made no progress in {MAX_STEPS} steps")
+                self.phases()
             except Wait as w:
+                complaints.check(self)
                 self.report.phase, self.report.message = w.phase, w.message
                 self.report.waiting_for, self.report.deadline = w.waiting_for, w.deadline
                 self.report.round = w.round if w.round is not None else self.report.round
@@ -108,6 +100,24 @@ class Tick:
         self.report.message = "federation finished; the final model is in " + \
             str(self.state.get("results_folder", "nnUNet_results"))
         return self.report
+
+    def phases(self) -> None:
+        for phase in PHASES:
+            self.enter(getattr(phase, "STEPS", (phase.NAME,))[0])
+            self.report.phase = phase.NAME
+            for _ in range(MAX_STEPS):
+                try:
+                    action = phase.advance(self)
+                except AuthorCheated as exc:  # not tampering: the signed header is the author's
+                    raise complaints.file(self, exc) from None
+                complaints.check(self)  # another site's complaint halts this one too
+                if action is None:
+                    break
+                if action:
+                    self.report.actions.append(action)
+                    self.say(action)
+            else:  # a phase must finish or wait; looping on means a bug, not a slow tick
+                raise RuntimeError(f"phase {phase.NAME!r} made no progress in {MAX_STEPS} steps")
 
     def enter(self, step: str) -> None:
         """Called before each phase and each step of a round: honours `stop_after`."""

@@ -30,6 +30,10 @@ class LocalTrainer(Protocol):
     def check_ready(self) -> None:
         """Raise a P2PFedError if the local dataset or checkpoint cannot be trained on."""
 
+    def cases(self) -> int:
+        """The number of training cases of the fold: this site's merge weight, declared
+        once before training starts; every `Trained.cases` must equal it."""
+
     def summary(self) -> dict:
         """FFE: this site's fingerprint summary (p2pfed.ffe summary payload)."""
 

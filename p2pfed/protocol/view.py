@@ -100,6 +100,10 @@ class View:
                 self._lists[prefix] = set(self.st.list_prefix(prefix))
         return self._lists[prefix]
 
+    def listed_keys(self) -> set[str]:
+        """Every key the listings of this tick have shown so far."""
+        return set().union(*self._lists.values())
+
     def listed(self, key: str) -> bool:
         """Whether exactly this stored key (a slot) is listed."""
         return key in self.keys(layout.folder(key))

@@ -4,12 +4,12 @@ wait for other sites, or does one piece of work and returns what it did ("" when
 work is not worth reporting). The driver (p2pfed/protocol/tick.py) calls it again
 until it is done or waits. `pending(view)` tells, for `p2pfed status`, whom the
 federation as a whole waits for in that phase (None: done for every participant)."""
-from . import start, fingerprint, plan, initial_model, rounds, final
+from . import start, declare, fingerprint, plan, initial_model, rounds, final
 
-PHASES = (start, fingerprint, plan, initial_model, rounds, final)
+PHASES = (start, declare, fingerprint, plan, initial_model, rounds, final)
 
 # Every name a tick can be told to stop after (`Tick(stop_after=...)`, `p2pfed round --until`).
-STEPS = ("start", "fingerprint", "plan", "initial model", *rounds.STEPS, "final")
+STEPS = ("start", "declare", "fingerprint", "plan", "initial model", *rounds.STEPS, "final")
 
 
 def where(view) -> dict:

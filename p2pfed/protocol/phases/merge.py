@@ -14,7 +14,7 @@ from ... import crypto, layout
 from ...errors import ContributionRejected, FederationHalted, SetupError
 from ...faults import crash_point
 from ...site import atomic_write
-from ..contribution import Contribution, InputCheck, read_contribution, read_shard_plain
+from ..contribution import Contribution, InputCheck, merge_weights, read_contribution, read_shard_plain
 
 
 def folder(t, r: int) -> Path:
@@ -148,7 +148,7 @@ def _keep(out: Path, target: str | None):
 def _stream(t, contributions: dict[str, Contribution], load, sink=None) -> dict[str, list[str]]:
     from ...shards import stream_merge
 
-    weights = {s: c.cases for s, c in contributions.items()} if t.s.weighting == "cases" else None
+    weights = merge_weights(t.s, {s: c.cases for s, c in contributions.items()})
     counts = {s: len(c.commit.shards) for s, c in contributions.items()}
     return stream_merge(load, counts, weights=weights, layers=t.s.layers, sink=sink)
 
