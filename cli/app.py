@@ -183,6 +183,7 @@ def init(
     gpu_memory_target: float = typer.Option(8.0, "--gpu-memory-target", help="GPU memory target of the planner, GB."),
     no_final_validation: bool = NoFinalValidation, _final_validation: bool = FinalValidation,
     max_update_norm: Optional[float] = typer.Option(None, "--max-update-norm", help="Refuse updates whose L2 distance to the base model exceeds this times the base model's norm (off by default)."),
+    admission_quorum: Optional[int] = typer.Option(None, "--admission-quorum", help="Members who must approve each admission, removal or key rotation (default and minimum: a majority of the members)."),
     nnunet_raw: Optional[str] = Raw, nnunet_preprocessed: Optional[str] = Pre,
     nnunet_results: Optional[str] = Res, device: str = Device,
     endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,
@@ -197,7 +198,7 @@ def init(
                         deadline_s=parse_duration(deadline), weighting=weighting, layers=layers,
                         trainer=trainer, planner=planner, plans_identifier=plans_identifier,
                         gpu_memory_target=gpu_memory_target, final_validation=not no_final_validation,
-                        max_update_norm=max_update_norm)
+                        max_update_norm=max_update_norm, admission_quorum=admission_quorum)
     opts = _local_options(site, dataset, nnunet_raw, nnunet_preprocessed, nnunet_results, device, endpoint, home)
     config, public = node.init(storage, opts, settings)
     if as_json:
@@ -238,14 +239,32 @@ def admit(
     fingerprint: str = typer.Option(..., "--fingerprint", help="The fingerprint the site sent you out of band (phone, e-mail), with or without spaces; a mismatch is refused."),
     endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,
 ):
-    """Admit a pending site into the federation (signed by your site). Admitting a member is a no-op."""
+    """Propose or approve admitting a pending site (a majority of members must approve). Admitting a member is a no-op."""
     from p2pfed import node
 
-    who = node.admit(home, site, name, fingerprint, endpoint)
-    if who is None:
+    outcome = node.admit(home, site, name, fingerprint, endpoint)
+    if outcome is None:
         out.print(f"{name!r} is already a member; nothing to do.", markup=False)
         return
-    out.print(f"Admitted {name!r} (fingerprint {who.fingerprint_text()}).", markup=False)
+    from p2pfed.crypto import grouped
+
+    _print_outcome(outcome, f"admit {name} --fingerprint '{grouped(outcome.fingerprint)}'")
+
+
+def _print_outcome(outcome, command: str) -> None:
+    """Say what a membership change needs still: how many approvals, from whom."""
+    from p2pfed.crypto import grouped
+
+    what = f"epoch {outcome.epoch}: {outcome.change['op']} {outcome.change['site']!r}"
+    if outcome.fingerprint:
+        what += f" (fingerprint {grouped(outcome.fingerprint)})"
+    if outcome.in_force:
+        out.print(f"Approved {what}; it is in force ({len(outcome.approvers)} of {outcome.needed} approvals: "
+                  f"{', '.join(outcome.approvers)}).", markup=False)
+        return
+    out.print(f"Approved {what}: {len(outcome.approvers)} of {outcome.needed} approvals, "
+              f"{outcome.missing} more needed from {', '.join(outcome.waiting_on)}.", markup=False)
+    out.print(f"Each of them runs: p2pfed {command} --site MEMBER", markup=False)
 
 
 # --------------------------------------------------------------------------- progress

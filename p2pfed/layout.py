@@ -11,8 +11,20 @@ def valid_site(name: str) -> bool:
     return bool(SITE_NAME.match(name)) and ".." not in name
 
 
-def member(site: str) -> str:
-    return f"members/{site}.json"
+def epoch_proposal(e: int, site: str) -> str:
+    return f"epochs/{e:05d}/{site}.json"
+
+
+def epoch_approval(e: int, site: str) -> str:
+    return f"epochs/{e:05d}/approvals/{site}.json"
+
+
+def epoch_of(key: str) -> tuple[str, int, str] | None:
+    """(kind "epoch" or "approval", epoch number, site) of a membership log key."""
+    parsed = kind_of(key)
+    if parsed is None or parsed[0] not in ("epoch", "approval"):
+        return None
+    return parsed[0], int(key.split("/")[1]), parsed[2]
 
 
 def join_request(site: str) -> str:
@@ -73,7 +85,7 @@ def round_of(key: str) -> int | None:
 
 def folder(key: str) -> str:
     """The prefix a tick lists once to learn which keys near `key` exist: a round's
-    folder, or the first path component (members, fingerprints, plans, final)."""
+    folder, or the first path component (epochs, fingerprints, plans, final)."""
     r = round_of(key)
     return round_dir(r) if r is not None else key.split("/", 1)[0] if "/" in key else ""
 
@@ -81,7 +93,8 @@ def folder(key: str) -> str:
 # key pattern -> (kind, is_envelope). The group, if any, names the author site.
 KINDS: list[tuple[re.Pattern, str, bool]] = [
     (re.compile(r"^federation\.json$"), "federation", False),
-    (re.compile(r"^members/([^/]+)\.json$"), "member", False),
+    (re.compile(r"^epochs/\d{5}/([^/]+)\.json$"), "epoch", False),
+    (re.compile(r"^epochs/\d{5}/approvals/([^/]+)\.json$"), "approval", False),
     (re.compile(r"^joins/([^/]+)\.json$"), "join", False),
     (re.compile(r"^fingerprints/([^/]+)/summary\.p2pf$"), "summary", True),
     (re.compile(r"^fingerprints/([^/]+)/histogram\.p2pf$"), "histogram", True),
@@ -99,7 +112,7 @@ KINDS: list[tuple[re.Pattern, str, bool]] = [
 
 def kind_of(key: str) -> tuple[str, bool, str | None] | None:
     """(kind, is_envelope, site the key names or None) of a protocol key; None if foreign.
-    For member and join records the site is the member, not the signer."""
+    For join records the site is the joining site; for epoch records, the proposer or approver."""
     for pattern, kind, envelope in KINDS:
         m = pattern.match(key)
         if m:

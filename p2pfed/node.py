@@ -151,8 +151,8 @@ def open_site(home_dir: str | None, site: str, endpoint: str | None = None,
     # a started site's ticks need neither re-verified member records nor join requests
     fed = fedmod.load(storage, pinned_genesis=config.genesis_sha256, cache=home.dir / "cache" if cached else None,
                       pending=not (cached and "participants" in state))
-    pins = fedmod.check_pins(fed, state.get("known_members", {}))
-    if pins != state.get("known_members"):
+    pins = fedmod.check_pins(fed, state.get("epochs", []))
+    if pins != state.get("epochs"):
         _save_pins(home, pins)
     return home, config, fed
 
@@ -170,14 +170,14 @@ def _save_pins(home: SiteHome, pins: dict) -> None:
     try:
         with home.lock():
             state = home.state()
-            state["known_members"] = pins
+            state["epochs"] = pins
             home.save_state(state)
     except TickBusy:
         pass
 
 
 def admit(home_dir: str | None, site: str, name: str, fingerprint: str,
-          endpoint: str | None = None) -> PublicIdentity | None:
+          endpoint: str | None = None) -> fedmod.Outcome | None:
     home, _, fed = open_site(home_dir, site, endpoint)
     started = fed.storage.exists(layout.FINGERPRINT_SEAL)
     return fedmod.admit(fed, name, home.identity(), fingerprint, started)

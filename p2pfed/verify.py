@@ -62,7 +62,7 @@ def _check(fed: Federation, key: str, data: bytes, reader: Identity | None, list
     if kind is None:
         raise IntegrityError(f"{key}: not an object of the p2pfed protocol")
     name, envelope, author = kind
-    if name in ("federation", "member", "join"):
+    if name in ("federation", "epoch", "approval", "join"):
         return _check_membership(fed, key, name, author, data)
     if not envelope:
         body = read_record(fed, key, name, author, data=data)
@@ -97,9 +97,9 @@ def _references(key: str, kind: str, author: str | None, body: dict) -> list[tup
 
 
 def _check_membership(fed: Federation, key: str, kind: str, site: str | None, data: bytes) -> str:
-    # federation.load verified federation.json and every member record, or raised.
-    if kind == "member" and site not in fed.members:
-        raise IntegrityError(f"{key}: not a verified member record")
+    # federation.load verified federation.json and the membership chain; what it left out is named here
+    if key in fed.log.ignored:
+        raise IntegrityError(fed.log.ignored[key])
     if kind == "join":
         ident = fed.members.get(site) or fed.pending.get(site)
         if ident is None:

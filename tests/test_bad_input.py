@@ -100,10 +100,15 @@ def home_disk_full(fed, mp):
 
 
 def started_without_site1(fed, mp):
-    """The start seal lists site0 only (settings: sites=1): site1 was admitted too late."""
+    """The start seal pins epoch 0, site0 only (settings: sites=1): site1 was admitted too late."""
     home, _, view = node.open_site(fed.home, "site0")
     objects.put_record(view, layout.FINGERPRINT_SEAL, "fingerprint-seal",
-                       {"participants": ["site0"], "sealed_at": 0}, home.identity())
+                       {"participants": ["site0"], "sealed_at": 0, **genesis_epoch(view)}, home.identity())
+
+
+def genesis_epoch(fed) -> dict:
+    """The start seal's pin of epoch 0 (the founder alone)."""
+    return {"epoch": 0, "epoch_sha256": fed.log.chain[0].sha256}
 
 
 def admit_ghost(tmp, mp):
@@ -165,7 +170,7 @@ def started(tmp: Path) -> None:
     cli("init", tmp / "shared", *site_args(tmp, "a", 1), "--sites", 1)
     home, _, view = node.open_site(tmp / "home", "a")
     objects.put_record(view, layout.FINGERPRINT_SEAL, "fingerprint-seal",
-                       {"participants": ["a"], "sealed_at": 0}, home.identity())
+                       {"participants": ["a"], "sealed_at": 0, **genesis_epoch(view)}, home.identity())
 
 
 def join_started(tmp, mp):
@@ -210,7 +215,7 @@ CASES = {
     "truncated nnU-Net checkpoint": (tick(truncated_checkpoint), 3,
                                      "checkpoint_latest.pth is corrupt (truncated or damaged)"),
     # the tick's first write in its home: the member records it verified
-    "disk full in the site home": (tick(home_disk_full), 3, "cache/members/site0.json: No space left on device"),
+    "disk full in the site home": (tick(home_disk_full), 3, "sites/site0/state.json: No space left on device"),
     "site that joined too late": (tick(started_without_site1, site="site1", n=2, sites=1), 3,
                                   "site 'site1' joined after the federation started (participants: site0)"),
     # dataset: exit 4

@@ -16,6 +16,7 @@ from typer.main import get_command
 
 import factory
 from conftest import new_bucket
+from p2pfed import federation as fedmod
 from p2pfed import node, site as sitemod
 from p2pfed import status as statusmod
 from p2pfed.cli.app import app
@@ -192,7 +193,12 @@ def test_pins_are_written_only_under_the_sites_lock(tmp_path):
         node.open_site(fed.home, "site0")  # what `status`/`verify`/`admit` do
         assert not state.exists()
     node.open_site(fed.home, "site0")
-    assert json.loads(state.read_text())["known_members"].keys() == {"site0", "site1"}
+    assert json.loads(state.read_text())["epochs"] == fed_hashes(fed)
+
+
+def fed_hashes(fed) -> list[str]:
+    """The verified epoch chain (epoch 1: site1 admitted), as a site keeps it."""
+    return fedmod.load(fed.storage).log.hashes()
 
 
 def test_atomic_write_uses_a_unique_temp_name_and_syncs_the_folder(tmp_path, monkeypatch):

@@ -71,7 +71,8 @@ class Tick:
             self.report.waiting_for = sorted(self.fed.members)
             return self.report
         if self.fed.members[self.site] != self.me.public():
-            raise IntegrityError(f"members/{self.site}.json holds keys that are not this site's",
+            raise IntegrityError(f"epoch {self.fed.log.head.number} of the membership log holds keys for "
+                                 f"{self.site!r} that are not this site's",
                                  "a member admitted other keys under this site's name; nothing was shared; "
                                  "alert the members")
         if not self.state.get("finished"):

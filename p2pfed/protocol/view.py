@@ -79,19 +79,23 @@ class View:
 
     # -- membership of the run ---------------------------------------------------------------
     def start_seal(self) -> dict | None:
-        """The verified start seal (fingerprints/SEAL.json): who takes part, since when."""
+        """The verified start seal (fingerprints/SEAL.json): who takes part, since when, and
+        the epoch of the membership log it pinned (its members are the participants)."""
         if "participants" in self.state:
-            return {"participants": self.state["participants"], "sealed_at": self.state["started_at"]}
+            return {"participants": self.state["participants"], "sealed_at": self.state["started_at"],
+                    "epoch": self.state.get("start_epoch")}
         if not self.has(layout.FINGERPRINT_SEAL):
             return None
         body = read_record(self.fed, layout.FINGERPRINT_SEAL, "fingerprint-seal",
                            data=self.get(layout.FINGERPRINT_SEAL))
-        parts = body.get("participants")
-        if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts) \
-                or parts != sorted(set(parts)) or not set(parts) <= set(self.fed.members) \
-                or len(parts) < self.s.sites or type(body.get("sealed_at")) is not int:
+        parts, chain, e = body.get("participants"), self.fed.log.chain, body.get("epoch")
+        if type(e) is not int or not 0 <= e < len(chain) or body.get("epoch_sha256") != chain[e].sha256:
+            raise IntegrityError(f"{layout.FINGERPRINT_SEAL}: pins epoch {e!r} "
+                                 f"({str(body.get('epoch_sha256'))[:12]}), not one of this site's membership chain",
+                                 "the storage or a member shows another membership history; alert the members")
+        if parts != sorted(chain[e].members) or len(parts) < self.s.sites or type(body.get("sealed_at")) is not int:
             raise IntegrityError(f"{layout.FINGERPRINT_SEAL}: participants {parts} are not "
-                                 f"{self.s.sites}+ members in name order")
+                                 f"the {self.s.sites}+ members of epoch {e} in name order")
         return body
 
     @property
@@ -100,8 +104,14 @@ class View:
         return seal["participants"] if seal else []
 
     def recipients(self) -> dict:
-        parts = self.participants
-        return {s: self.fed.members[s] for s in parts} if parts else self.fed.members
+        """Envelopes are encrypted to the participants' keys of the pinned epoch (before the
+        start: to every member of the head epoch)."""
+        seal = self.start_seal()
+        if not seal:
+            return self.fed.members
+        e = seal.get("epoch")
+        keys = self.fed.log.chain[e].members if e is not None and e < len(self.fed.log.chain) else self.fed.members
+        return {s: keys[s] for s in seal["participants"]}
 
     # -- rounds ------------------------------------------------------------------------------
     def seal(self, r: int) -> dict | None:
