@@ -251,6 +251,38 @@ def admit(
     _print_outcome(outcome, f"admit {name} --fingerprint '{grouped(outcome.fingerprint)}'")
 
 
+@app.command()
+@handled
+def remove(
+    name: str = typer.Argument(..., help="The member to remove."),
+    site: str = typer.Option(..., "--site", help="Your own site (a member)."),
+    endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,
+):
+    """Propose or approve removing a member (a majority of members must approve). From the round it applies, nothing is encrypted to it."""
+    from p2pfed import node
+
+    outcome = node.remove(home, site, name, endpoint)
+    if outcome is None:
+        out.print(f"{name!r} is not a member; nothing to do.", markup=False)
+        return
+    _print_outcome(outcome, f"remove {name}")
+
+
+@app.command("rotate-keys")
+@handled
+def rotate_keys(
+    site: str = SiteOpt, endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,
+):
+    """Propose new keys for your site; the other members approve them with `p2pfed admit` and the new fingerprint."""
+    from p2pfed import node
+    from p2pfed.crypto import grouped
+
+    outcome = node.rotate_keys(home, site, endpoint)
+    _print_outcome(outcome, f"admit {site} --fingerprint '{grouped(outcome.fingerprint)}'")
+    out.print("Read the new fingerprint to the other members out of band; the old keys are deleted "
+              "once the new epoch is in force.", markup=False)
+
+
 def _print_outcome(outcome, command: str) -> None:
     """Say what a membership change needs still: how many approvals, from whom."""
     from p2pfed.crypto import grouped
@@ -258,12 +290,16 @@ def _print_outcome(outcome, command: str) -> None:
     what = f"epoch {outcome.epoch}: {outcome.change['op']} {outcome.change['site']!r}"
     if outcome.fingerprint:
         what += f" (fingerprint {grouped(outcome.fingerprint)})"
+    applies = f" It applies from round {outcome.from_round}." if outcome.from_round else ""
+    if outcome.too_late:
+        out.print(f"{outcome.too_late} came too late for the round it named; this is a new proposal.",
+                  markup=False)
     if outcome.in_force:
         out.print(f"Approved {what}; it is in force ({len(outcome.approvers)} of {outcome.needed} approvals: "
-                  f"{', '.join(outcome.approvers)}).", markup=False)
+                  f"{', '.join(outcome.approvers)}).{applies}", markup=False)
         return
     out.print(f"Approved {what}: {len(outcome.approvers)} of {outcome.needed} approvals, "
-              f"{outcome.missing} more needed from {', '.join(outcome.waiting_on)}.", markup=False)
+              f"{outcome.missing} more needed from {', '.join(outcome.waiting_on)}.{applies}", markup=False)
     out.print(f"Each of them runs: p2pfed {command} --site MEMBER", markup=False)
 
 

@@ -78,15 +78,15 @@ class Log:
 def proposal(fed_id: str, head: Epoch, change: dict, members: dict[str, PublicIdentity], by: Identity,
              from_round: int = 0) -> tuple[str, bytes]:
     e = head.number + 1
-    key = layout.epoch_proposal(e, by.site)
+    key = layout.epoch_proposal(e, from_round, by.site)
     body = {"kind": "epoch", "federation": fed_id, "name": key, "author": by.site, "epoch": e,
             "previous": head.sha256, "change": change, "from_round": from_round,
             "members": {s: i.to_json() for s, i in sorted(members.items())}}
     return key, sign_record(body, by)  # no timestamp: a retry writes the very same bytes
 
 
-def approval(fed_id: str, e: int, proposal_sha: str, by: Identity) -> tuple[str, bytes]:
-    key = layout.epoch_approval(e, by.site)
+def approval(fed_id: str, e: int, from_round: int, proposal_sha: str, by: Identity) -> tuple[str, bytes]:
+    key = layout.epoch_approval(e, from_round, by.site)
     body = {"kind": "approval", "federation": fed_id, "name": key, "author": by.site, "epoch": e,
             "proposal": proposal_sha}
     return key, sign_record(body, by)
@@ -107,21 +107,24 @@ def load(list_keys: Callable[[], list[str]], read: Callable[[str], bytes], fed_i
          setting: int | None) -> Log:
     """Verify the chain from the genesis: per epoch, the one proposal a quorum approved."""
     log = Log([genesis])
-    proposals: dict[int, dict[str, str]] = {}
+    proposals: dict[int, dict[str, str]] = {}  # epoch -> key -> site
     approvals: dict[int, dict[str, str]] = {}
     for key in list_keys():
         parsed = layout.epoch_of(key)
         if parsed is None:
             log.ignored[key] = f"{key}: not an epoch record's name"
             continue
-        kind, e, site = parsed
-        (proposals if kind == "epoch" else approvals).setdefault(e, {})[site] = key
+        kind, e, _, site = parsed
+        (proposals if kind == "epoch" else approvals).setdefault(e, {})[key] = site
     while True:
         e = log.head.number + 1
         found = _proposals(log, proposals.pop(e, {}), read, fed_id)
         votes = _approvals(log, approvals.pop(e, {}), read, fed_id, found)
         need = quorum(setting, len(log.head.members))
-        won = [sha for sha in sorted(found) if len(votes[sha]) >= need]
+        # one approval per member per (epoch, first round), and q a majority: one winner per
+        # first round; of those the earliest wins (a later one is only proposed once it is too late)
+        won = sorted((found[sha][1].from_round, sha) for sha in found if len(votes[sha]) >= need)
+        won = [sha for _, sha in won]
         if not won:
             log.open = [Proposal(found[sha][0], sha, found[sha][1], tuple(votes[sha]), need) for sha in sorted(found)]
             break
@@ -130,7 +133,7 @@ def load(list_keys: Callable[[], list[str]], read: Callable[[str], bytes], fed_i
         log.records[key] = read(key)
         for sha, voters in votes.items():
             for s in voters:
-                akey = layout.epoch_approval(e, s)
+                akey = layout.epoch_approval(e, found[sha][1].from_round, s)
                 if sha == won[0]:
                     log.records[akey] = read(akey)
                 else:
@@ -139,7 +142,7 @@ def load(list_keys: Callable[[], list[str]], read: Callable[[str], bytes], fed_i
                 log.ignored[found[sha][0]] = f"{found[sha][0]}: lost epoch {e} to {key}"
     for rest in (proposals, approvals):
         for e, keys in rest.items():
-            for key in keys.values():
+            for key in keys:
                 log.ignored.setdefault(key, f"{key}: epoch {e} does not follow epoch {log.head.number}")
     return log
 
@@ -147,7 +150,7 @@ def load(list_keys: Callable[[], list[str]], read: Callable[[str], bytes], fed_i
 def _proposals(log: Log, keys: dict[str, str], read, fed_id: str) -> dict[str, tuple[str, Epoch]]:
     """sha256 -> (key, epoch it would be) for the valid proposals of the next epoch."""
     found = {}
-    for site, key in sorted(keys.items()):
+    for key, site in sorted(keys.items()):
         data = read(key)
         try:
             found[sha256_hex(data)] = (key, _check_proposal(log.head, data, key, site, fed_id))
@@ -159,10 +162,11 @@ def _proposals(log: Log, keys: dict[str, str], read, fed_id: str) -> dict[str, t
 def _approvals(log: Log, keys: dict[str, str], read, fed_id: str, found: dict) -> dict[str, list[str]]:
     votes: dict[str, list[str]] = {sha: [] for sha in found}
     head = log.head
-    for site, key in sorted(keys.items()):
+    for key, site in sorted(keys.items()):
         try:
             body, _ = _open(head, read(key), key, site, fed_id, "approval")
-            if body.get("proposal") not in votes:
+            if body.get("proposal") not in votes or \
+                    layout.epoch_of(key)[2] != found[body["proposal"]][1].from_round:
                 raise IntegrityError(f"{key}: approves no valid proposal for epoch {head.number + 1}")
             votes[body["proposal"]].append(site)
         except IntegrityError as exc:
@@ -183,11 +187,13 @@ def _open(head: Epoch, data: bytes, key: str, site: str, fed_id: str, kind: str)
 def _check_proposal(head: Epoch, data: bytes, key: str, site: str, fed_id: str) -> Epoch:
     body, _ = _open(head, data, key, site, fed_id, "epoch")
     change, members, start = body.get("change"), body.get("members"), body.get("from_round")
+    if start != layout.epoch_of(key)[2]:
+        raise IntegrityError(f"{key}: applies from round {start!r}, not the round its name says")
     if body.get("previous") != head.sha256:
         raise IntegrityError(f"{key}: names another previous epoch than epoch {head.number}")
     if not isinstance(change, dict) or set(change) != {"op", "site"} or not isinstance(members, dict) \
-            or type(start) is not int or start < 0:
-        raise IntegrityError(f"{key}: malformed epoch proposal")
+            or type(start) is not int or start < head.from_round:
+        raise IntegrityError(f"{key}: malformed epoch proposal (or applying before epoch {head.number})")
     idents = {s: PublicIdentity.from_json(v, key) for s, v in members.items()}
     if any(i.site != s for s, i in idents.items()):
         raise IntegrityError(f"{key}: a member set entry names another site")

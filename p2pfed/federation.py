@@ -125,6 +125,23 @@ class Federation:
     def member_keys(self) -> dict[str, PublicIdentity]:
         return dict(self.members)
 
+    def epoch_at(self, r: int) -> epochs.Epoch:
+        """The epoch in force at round r: the last one of the chain that applies by then."""
+        return [e for e in self.log.chain if e.from_round <= r][-1]
+
+    def members_at(self, r: int) -> dict[str, PublicIdentity]:
+        return self.epoch_at(r).members
+
+    def authors(self, key: str) -> dict[str, PublicIdentity]:
+        """Whose keys sign the object at `key`: a round's objects, the members of the epoch
+        in force at that round (a removed site or a rotated key signs nothing later); the
+        final metrics, those of the last round; the rest (fingerprints, plans, start seal),
+        the members before the start (epochs applying from round 0)."""
+        r = layout.round_of(key)
+        if r is None and layout.kind_of(key) and layout.kind_of(key)[0] == "final":
+            r = self.settings.rounds
+        return self.members_at(r if r is not None else 0)
+
 
 # --------------------------------------------------------------------------- creation
 def create(storage: Storage, founder: Identity, settings: Settings, schema: dict) -> tuple[str, str]:
@@ -179,6 +196,8 @@ class Outcome:
     needed: int
     waiting_on: tuple[str, ...]  # members of the previous epoch who have not approved
     fingerprint: str | None = None  # of the site's keys in the new epoch (admit, rotate)
+    from_round: int = 0  # the first round the epoch applies to
+    too_late: str | None = None  # a proposal of the same change that can no longer be approved
 
     @property
     def in_force(self) -> bool:
@@ -189,9 +208,16 @@ class Outcome:
         return max(0, self.needed - len(self.approvers))
 
 
-def admit(fed: Federation, name: str, by: Identity, fingerprint: str, started: bool) -> Outcome | None:
+def admit(fed: Federation, name: str, by: Identity, fingerprint: str, started: bool,
+          open_round: int | None = None) -> Outcome | None:
     """Propose or approve the admission of a pending site; None if it is a member already."""
     _require_member(fed, by, f"p2pfed admit {name}")
+    rotation = [p for p in fed.log.open if p.epoch.change == {"op": epochs.ROTATE, "site": name}]
+    if name in fed.members and rotation:  # approving a member's new keys is admitting them
+        who = rotation[0].epoch.members[name]
+        _check_fingerprint(fingerprint, who, name)
+        return approve(fed, rotation[0].epoch.change, by, rotation[0].epoch.members,
+                       rotation[0].epoch.from_round, open_round)
     if name in fed.members:
         return None
     change = {"op": epochs.ADMIT, "site": name}
@@ -206,28 +232,57 @@ def admit(fed: Federation, name: str, by: Identity, fingerprint: str, started: b
     if started:
         raise UsageError(f"the federation has started; {name!r} can no longer be admitted",
                          "membership is fixed once the fingerprint phase is sealed")
-    # the fingerprint, compared out of band, is what tells the joiner from an impostor
-    if not same_fingerprint(fingerprint or "", who.fingerprint()):
-        # never print the expected value: it is what an impostor would want pasted back
-        raise IntegrityError(f"fingerprint mismatch for {name!r}: the join request has other keys",
-                             "do not admit; ask the site for its fingerprint again out of band")
+    _check_fingerprint(fingerprint, who, name)
     return approve(fed, change, by, epochs.changed(fed.log.head, change, who))
 
 
+def remove(fed: Federation, name: str, by: Identity, open_round: int | None) -> Outcome | None:
+    """Propose or approve removing member `name`; None if it is no member (nothing to do)."""
+    _require_member(fed, by, f"p2pfed remove {name}")
+    if name not in fed.members:
+        return None
+    change = {"op": epochs.REMOVE, "site": name}
+    return approve(fed, change, by, epochs.changed(fed.log.head, change), next_round(open_round), open_round)
+
+
+def rotate(fed: Federation, by: Identity, new: Identity, open_round: int | None) -> Outcome:
+    """Propose new keys for this site (signed with its current ones), and approve them."""
+    _require_member(fed, by, f"p2pfed rotate-keys --site {by.site}")
+    change = {"op": epochs.ROTATE, "site": by.site}
+    return approve(fed, change, by, epochs.changed(fed.log.head, change, new.public()),
+                   next_round(open_round), open_round)
+
+
+def next_round(open_round: int | None) -> int:
+    """The first round a change proposed now applies to: before the start, at once; after
+    it, the round after next, so that the quorum is complete a whole round before it applies
+    and no site contributes to that round with the old member set."""
+    return 0 if open_round is None else open_round + 2
+
+
+def _check_fingerprint(fingerprint: str, who: PublicIdentity, name: str) -> None:
+    # the fingerprint, compared out of band, is what tells the joiner from an impostor
+    if not same_fingerprint(fingerprint or "", who.fingerprint()):
+        # never print the expected value: it is what an impostor would want pasted back
+        raise IntegrityError(f"fingerprint mismatch for {name!r}: the keys proposed are other keys",
+                             "do not approve; ask the site for its fingerprint again out of band")
+
+
 def approve(fed: Federation, change: dict, by: Identity, members: dict[str, PublicIdentity],
-            from_round: int = 0) -> Outcome:
+            from_round: int = 0, open_round: int | None = None) -> Outcome:
     """Approve the open proposal of the next epoch that makes exactly this change, or
-    propose it. One member has one approval per epoch: it never backs two proposals."""
+    propose it. One member has one approval per epoch: it never backs two proposals.
+    `open_round`: the first unsealed round (None before the start)."""
     head, e = fed.log.head, fed.log.head.number + 1
-    same = [p for p in fed.log.open if p.epoch.change == change and p.epoch.members == members]
-    mine = layout.epoch_approval(e, by.site)
+    live = [p for p in fed.log.open if open_round is None or p.epoch.from_round > open_round + 1]
+    same = [p for p in live if p.epoch.change == change and p.epoch.members == members]
+    from_round = same[0].epoch.from_round if same else from_round
     if same:
-        target = same[0]
-        sha, approvers = target.sha256, target.approvers
+        sha, approvers = same[0].sha256, same[0].approvers
     else:
-        others = [p for p in fed.log.open if by.site in p.approvers] or fed.log.open
-        if others or fed.storage.exists(mine):
-            p = others[0] if others else None
+        busy = [p for p in live if by.site in p.approvers] or live
+        if busy or fed.storage.exists(layout.epoch_approval(e, from_round, by.site)):
+            p = busy[0] if busy else None
             what = f"{p.epoch.change['op']} {p.epoch.change['site']!r} by {p.epoch.proposer}" if p else "another change"
             raise SetupError(f"epoch {e} is already proposed: {what}",
                              "approve that proposal or let it be decided first, then run this command again")
@@ -235,13 +290,14 @@ def approve(fed: Federation, change: dict, by: Identity, members: dict[str, Publ
         _put(fed.storage, key, data, f"site {by.site!r} already proposed another change for epoch {e}")
         sha, approvers = sha256_hex(data), ()
     if by.site not in approvers:
-        akey, adata = epochs.approval(fed.id, e, sha, by)
+        akey, adata = epochs.approval(fed.id, e, from_round, sha, by)
         _put(fed.storage, akey, adata, f"site {by.site!r} already approved another proposal for epoch {e}")
         approvers = tuple(sorted((*approvers, by.site)))
     need = epochs.quorum(fed.settings.admission_quorum, len(head.members))
     who = members.get(change["site"])
+    late = [p.key for p in fed.log.open if p not in live and p.epoch.change == change]
     return Outcome(e, change, approvers, need, tuple(s for s in sorted(head.members) if s not in approvers),
-                   who.fingerprint() if who else None)
+                   who.fingerprint() if who else None, from_round, late[0] if late else None)
 
 
 def _put(storage: Storage, key: str, data: bytes, taken: str) -> None:

@@ -11,20 +11,21 @@ def valid_site(name: str) -> bool:
     return bool(SITE_NAME.match(name)) and ".." not in name
 
 
-def epoch_proposal(e: int, site: str) -> str:
-    return f"epochs/{e:05d}/{site}.json"
+def epoch_proposal(e: int, from_round: int, site: str) -> str:
+    return f"epochs/{e:05d}/r{from_round:05d}/{site}.json"
 
 
-def epoch_approval(e: int, site: str) -> str:
-    return f"epochs/{e:05d}/approvals/{site}.json"
+def epoch_approval(e: int, from_round: int, site: str) -> str:
+    return f"epochs/{e:05d}/r{from_round:05d}/approvals/{site}.json"
 
 
-def epoch_of(key: str) -> tuple[str, int, str] | None:
-    """(kind "epoch" or "approval", epoch number, site) of a membership log key."""
+def epoch_of(key: str) -> tuple[str, int, int, str] | None:
+    """(kind "epoch" or "approval", epoch number, first round, site) of a membership log key."""
     parsed = kind_of(key)
     if parsed is None or parsed[0] not in ("epoch", "approval"):
         return None
-    return parsed[0], int(key.split("/")[1]), parsed[2]
+    parts = key.split("/")
+    return parsed[0], int(parts[1]), int(parts[2][1:]), parsed[2]
 
 
 def join_request(site: str) -> str:
@@ -93,8 +94,8 @@ def folder(key: str) -> str:
 # key pattern -> (kind, is_envelope). The group, if any, names the author site.
 KINDS: list[tuple[re.Pattern, str, bool]] = [
     (re.compile(r"^federation\.json$"), "federation", False),
-    (re.compile(r"^epochs/\d{5}/([^/]+)\.json$"), "epoch", False),
-    (re.compile(r"^epochs/\d{5}/approvals/([^/]+)\.json$"), "approval", False),
+    (re.compile(r"^epochs/\d{5}/r\d{5}/([^/]+)\.json$"), "epoch", False),
+    (re.compile(r"^epochs/\d{5}/r\d{5}/approvals/([^/]+)\.json$"), "approval", False),
     (re.compile(r"^joins/([^/]+)\.json$"), "join", False),
     (re.compile(r"^fingerprints/([^/]+)/summary\.p2pf$"), "summary", True),
     (re.compile(r"^fingerprints/([^/]+)/histogram\.p2pf$"), "histogram", True),

@@ -179,5 +179,28 @@ def _save_pins(home: SiteHome, pins: dict) -> None:
 def admit(home_dir: str | None, site: str, name: str, fingerprint: str,
           endpoint: str | None = None) -> fedmod.Outcome | None:
     home, _, fed = open_site(home_dir, site, endpoint)
-    started = fed.storage.exists(layout.FINGERPRINT_SEAL)
-    return fedmod.admit(fed, name, home.identity(), fingerprint, started)
+    open_round = _open_round(home, fed)
+    return fedmod.admit(fed, name, home.identity(), fingerprint, open_round is not None, open_round)
+
+
+def remove(home_dir: str | None, site: str, name: str, endpoint: str | None = None) -> fedmod.Outcome | None:
+    home, _, fed = open_site(home_dir, site, endpoint)
+    return fedmod.remove(fed, name, home.identity(), _open_round(home, fed))
+
+
+def rotate_keys(home_dir: str | None, site: str, endpoint: str | None = None) -> fedmod.Outcome:
+    """New keys, kept beside the old ones until the epoch that names them is in force."""
+    home, _, fed = open_site(home_dir, site, endpoint)
+    new = home.next_identity()
+    if new is None:
+        new = Identity.generate(site)
+        home.save_keys(new, prefix="next.")
+    return fedmod.rotate(fed, home.identity(), new, _open_round(home, fed))
+
+
+def _open_round(home: SiteHome, fed: Federation) -> int | None:
+    """The first unsealed round as this site sees it, or None before the start."""
+    from .protocol.view import View
+
+    view = View(fed, home, home.state())
+    return view.current_round() if view.start_seal() is not None else None

@@ -33,7 +33,7 @@ def read_record(fed: Federation, key: str, kind: str, author: str | None = None,
                 data: bytes | None = None) -> dict:
     """Verified body of a record; `author` pins who must have signed it."""
     data = fed.storage.get(key) if data is None else data
-    body, signer = crypto.open_record(data, authors=fed.members, name=key,
+    body, signer = crypto.open_record(data, authors=fed.authors(key), name=key,
                                       expect=_expect(fed, key, kind, author))
     if signer != body.get("author"):
         raise IntegrityError(f"{key}: signed by {signer!r} on behalf of {body.get('author')!r}")
@@ -53,5 +53,5 @@ def put_envelope(fed: Federation, key: str, kind: str, payload: bytes, author: I
 def read_envelope(fed: Federation, key: str, kind: str, reader: Identity, author: str | None = None,
                   blob: bytes | None = None, **binding) -> tuple[dict, bytes]:
     blob = fed.storage.get(key) if blob is None else blob
-    return crypto.open_sealed(blob, reader=reader, authors=fed.members, name=key,
+    return crypto.open_sealed(blob, reader=reader, authors=fed.authors(key), name=key,
                               expect={**_expect(fed, key, kind, author), **binding})

@@ -70,12 +70,14 @@ def _check(fed: Federation, key: str, data: bytes, reader: Identity | None, list
         if name == "merged":
             merges[key] = body.get("result")
         return f"{name} record, signed by {author or 'a member'}"
-    header = verify_envelope(data, authors=fed.members, name=key,
+    header = verify_envelope(data, authors=fed.authors(key), name=key,
                              expect={"federation": fed.id, "kind": name, "name": key, "author": author})
     # a shard is named by its plaintext sha256, which its author signed in the header
     if name == "shard" and layout.shard_plain_sha256(key) != header.get("plaintext_sha256"):
         raise IntegrityError(f"{key}: content does not match its name")
-    if reader is not None and reader.site in header.get("recipients", {}):
+    # only what was encrypted to this site's current keys: a rotated key is gone
+    if reader is not None and reader.site in header.get("recipients", {}) \
+            and fed.authors(key).get(reader.site) == reader.public():
         read_envelope(fed, key, name, reader, author, blob=data)  # decrypts, checks that hash
         return f"{name} envelope, signed by {author}, decrypted and hash-checked"
     return f"{name} envelope, signed by {author} (not encrypted for this site)"
@@ -101,7 +103,8 @@ def _check_membership(fed: Federation, key: str, kind: str, site: str | None, da
     if key in fed.log.ignored:
         raise IntegrityError(fed.log.ignored[key])
     if kind == "join":
-        ident = fed.members.get(site) or fed.pending.get(site)
+        # the keys it joined with: those of the epoch that admitted it (they may be rotated since)
+        ident = next((e.members[site] for e in fed.log.chain if site in e.members), None) or fed.pending.get(site)
         if ident is None:
             raise IntegrityError(f"{key}: join request is not validly self-signed")
         open_record(data, authors={site: ident}, name=key,

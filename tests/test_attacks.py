@@ -441,7 +441,7 @@ def test_a_site_admitted_under_other_keys_shares_nothing(tmp_path):
     impostor = Identity.generate("site1").public()
     key, data = epochs.proposal(shared.id, genesis, change, epochs.changed(genesis, change, impostor), founder)
     fed.path(key).write_bytes(data)
-    akey, adata = epochs.approval(shared.id, 1, crypto.sha256_hex(data), founder)
+    akey, adata = epochs.approval(shared.id, 1, 0, crypto.sha256_hex(data), founder)
     fed.path(akey).write_bytes(adata)
     before = factory.keys(fed)
     with pytest.raises(IntegrityError, match="epoch 1 of the membership log holds keys for 'site1' that are not"):

@@ -46,7 +46,7 @@ def forge(fed, by: Identity, change: dict, who=None, approvers=()) -> str:
     key, data = epochs.proposal(shared.id, head, change, epochs.changed(head, change, who), by)
     fed.storage.put_new(key, data)
     for a in (by, *approvers):
-        fed.storage.put_new(*epochs.approval(shared.id, head.number + 1, crypto.sha256_hex(data), a))
+        fed.storage.put_new(*epochs.approval(shared.id, head.number + 1, 0, crypto.sha256_hex(data), a))
     return key
 
 
@@ -109,12 +109,12 @@ def test_a_member_record_outside_the_epoch_chain_is_ignored_whoever_signed_it(tm
     body = {"kind": "member", "federation": shared.id, "name": "members/mallory.json", "site": "mallory",
             "identity": mallory.public().to_json(), "author": "site0", "created": 0}
     fed.storage.put_new("members/mallory.json", sign_record(body, me(fed, "site0")))
-    fed.storage.put_new("epochs/00002/site1.json", b"junk")
+    fed.storage.put_new("epochs/00002/r00000/site1.json", b"junk")
     assert "mallory" not in fedmod.load(fed.storage).members
     assert fed.run("site1").phase == "joining"  # waits for a third member, no halt
     bad = {f.key: f.detail for f in verify_storage(fedmod.load(fed.storage), me(fed, "site0")) if not f.ok}
     assert bad == {"members/mallory.json": "members/mallory.json: not an object of the p2pfed protocol",
-                   "epochs/00002/site1.json": "epochs/00002/site1.json: not a p2pfed signed record"}
+                   "epochs/00002/r00000/site1.json": "epochs/00002/r00000/site1.json: not a p2pfed signed record"}
 
 
 def test_a_new_start_seal_after_the_old_one_is_deleted_holds_no_forged_member(tmp_path):
@@ -164,7 +164,7 @@ def test_competing_proposals_resolve_to_one_epoch_for_every_site(tmp_path):
     for s in fed.sites:
         shared = node.open_site(fed.home, s)[2]
         assert sorted(shared.members) == ["site0", "site1", "site2", "site3"]
-        assert shared.log.ignored[lost].startswith(f"{lost}: lost epoch 3 to epochs/00003/site0.json")
+        assert shared.log.ignored[lost].startswith(f"{lost}: lost epoch 3 to epochs/00003/r00000/site0.json")
     # site2's approval slot of epoch 3 is spent on the loser; site4 is epoch 4 (3 of 4 approvals)
     out = admit(fed, "site4", "site2", site4.public().fingerprint()).stdout
     assert "Approved epoch 4: admit 'site4'" in out and "1 of 3 approvals, 2 more needed" in out
@@ -176,7 +176,7 @@ def test_a_rolled_back_epoch_log_is_refused_on_the_next_tick(tmp_path):
     the whole log) later is refused by the tick and by the CLI, exit 6."""
     fed = factory.make(tmp_path, n=3)
     fed.run("site0", stop_after="start")
-    fed.path(layout.epoch_approval(2, "site1")).unlink()
+    fed.path(layout.epoch_approval(2, 0, "site1")).unlink()
     with pytest.raises(IntegrityError, match="epoch 2 disappeared from the shared storage"):
         fed.run("site0")
     result = cli("status", "--site", "site0", "--home", fed.home, ok=False)
@@ -199,13 +199,13 @@ def test_an_equivocating_member_and_the_operator_cannot_show_two_sites_two_membe
     key_b, data_b = epochs.proposal(shared.id, head, b, epochs.changed(head, b, site4.public()), s2)
     for key, data in ((key_a, data_a), (key_b, data_b)):
         fed.storage.put_new(key, data)
-    fed.storage.put_new(*epochs.approval(shared.id, 3, crypto.sha256_hex(data_a), s0))
-    fed.storage.put_new(*epochs.approval(shared.id, 3, crypto.sha256_hex(data_b), s2))
-    vote = fed.path(layout.epoch_approval(3, "site1"))
+    fed.storage.put_new(*epochs.approval(shared.id, 3, 0, crypto.sha256_hex(data_a), s0))
+    fed.storage.put_new(*epochs.approval(shared.id, 3, 0, crypto.sha256_hex(data_b), s2))
+    vote = fed.path(layout.epoch_approval(3, 0, "site1"))
     vote.parent.mkdir(parents=True, exist_ok=True)
-    vote.write_bytes(epochs.approval(shared.id, 3, crypto.sha256_hex(data_a), s1)[1])
+    vote.write_bytes(epochs.approval(shared.id, 3, 0, crypto.sha256_hex(data_a), s1)[1])
     fed.run("site0", stop_after="start")  # site0: epoch 3 admits site3; it seals the start
-    vote.write_bytes(epochs.approval(shared.id, 3, crypto.sha256_hex(data_b), s1)[1])
+    vote.write_bytes(epochs.approval(shared.id, 3, 0, crypto.sha256_hex(data_b), s1)[1])
     with pytest.raises(IntegrityError, match="pins epoch 3 .*not one of this site's membership chain"):
         fed.run("site2")
     result = cli("status", "--site", "site0", "--home", fed.home, ok=False)
@@ -230,3 +230,111 @@ def test_a_non_member_cannot_propose_and_admit_outside_the_chain_is_refused(tmp_
     assert result.exit_code == 3 and "site 'site2' is not a member" in result.output
     with pytest.raises(SetupError, match="not a member"):
         fedmod.admit(fedmod.load(fed.storage), "site2", Identity.generate("x"), "00" * 32, started=False)
+
+
+# --------------------------------------------------------------------------- remove, rotate-keys
+def sweep(fed, sites, times=12) -> dict:
+    """Tick `sites` round-robin `times` times; the last report of each."""
+    reports = {}
+    for _ in range(times):
+        for s in sites:
+            reports[s] = fed.run(s)
+    return reports
+
+
+def envelopes(fed, since: int) -> list[str]:
+    """Keys of every envelope of round `since` and later, and the final metrics."""
+    return [k for k in factory.keys(fed) if layout.kind_of(k)[1]
+            and (k.startswith("final/") or (layout.round_of(k) or -1) >= since)]
+
+
+def opens(fed, key: str, reader: Identity) -> bool:
+    shared = fedmod.load(fed.storage)
+    kind, _, author = layout.kind_of(key)
+    try:
+        objects.read_envelope(shared, key, kind, reader, author=author, blob=fed.storage.get(key))
+        return True
+    except IntegrityError:
+        return False
+
+
+def test_a_removed_site_cannot_open_anything_written_after_its_removal(tmp_path):
+    """Round 0 is open; site0 and site1 remove site2 (2 of 3): it applies from round 2.
+    site2 takes part in round 1, then stops; rounds 2..4 are sealed by site0 and site1
+    alone, every envelope from round 2 on is encrypted to them only, and they agree."""
+    fed = factory.make(tmp_path, n=3, rounds=4)
+    fed.prepare()
+    first = cli("remove", "site2", "--site", "site0", "--home", fed.home).stdout
+    assert "Approved epoch 3: remove 'site2': 1 of 2 approvals, 1 more needed from site1, site2. " \
+           "It applies from round 2." in first
+    second = cli("remove", "site2", "--site", "site1", "--home", fed.home).stdout
+    assert "it is in force (2 of 2 approvals: site0, site1). It applies from round 2." in second
+    site2 = me(fed, "site2")
+    reports = sweep(fed, fed.sites)
+    assert reports["site0"].finished and reports["site1"].finished
+    assert reports["site2"].phase == "removed" and "takes part in no round from 2 on" in reports["site2"].message
+    assert sorted(json.loads(fed.path(layout.seal(1)).read_text())["body"]["contributions"]) == fed.sites
+    for r in (2, 3, 4):
+        seal = json.loads(fed.path(layout.seal(r)).read_text())["body"]
+        assert sorted(seal["contributions"]) == ["site0", "site1"] and seal["reason"] == "all"
+    later = envelopes(fed, 2)
+    assert later and not [k for k in later if opens(fed, k, site2)]
+    assert all(opens(fed, k, me(fed, "site0")) for k in later)
+    assert opens(fed, layout.meta(1, "site0"), site2)  # what it received before stays readable
+    finals = {fed.merged_record(s, 4)["result"] for s in ("site0", "site1")}
+    assert len(finals) == 1
+    assert "'site2' is not a member; nothing to do." in cli("remove", "site2", "--site", "site0",
+                                                          "--home", fed.home).stdout
+
+
+def test_a_rotated_key_does_not_open_later_objects(tmp_path):
+    """site1 rotates its keys while round 0 is open; site0 and site2 approve the new
+    fingerprint with `admit` (the quorum, 2 of 3, counts site1's own approval too). From
+    round 2 on site1 signs and reads with the new keys; the old ones are deleted and open
+    nothing written from then on. The federation ends on one model."""
+    fed = factory.make(tmp_path, n=3, rounds=4)
+    fed.prepare()
+    old = me(fed, "site1")
+    out = cli("rotate-keys", "--site", "site1", "--home", fed.home).stdout
+    assert "Approved epoch 3: rotate 'site1'" in out and "1 of 2 approvals, 1 more needed from site0, site2" in out
+    new = node.open_site(fed.home, "site1")[0].next_identity()
+    bad = admit(fed, "site1", "site0", "ab" * 32, ok=False)
+    assert bad.exit_code == 6 and "fingerprint mismatch for 'site1'" in bad.output
+    assert "it is in force" in admit(fed, "site1", "site0", new.public().fingerprint()).stdout
+    reports = sweep(fed, fed.sites)
+    assert all(r.finished for r in reports.values())
+    home = node.open_site(fed.home, "site1")[0]
+    assert home.identity().public() == new.public() and home.next_identity() is None
+    later = envelopes(fed, 2)
+    assert later and not [k for k in later if opens(fed, k, old)]
+    assert [k for k in later if not opens(fed, k, new)] == []
+    assert opens(fed, layout.meta(1, "site0"), old) and not opens(fed, layout.meta(1, "site0"), new)
+    assert len({fed.merged_record(s, 4)["result"] for s in fed.sites}) == 1
+    assert all(f.ok for f in verify_storage(fedmod.load(fed.storage), home.identity()))
+
+
+def test_only_a_site_itself_can_rotate_its_keys_and_a_late_approval_is_refused(tmp_path):
+    """site0 proposes other keys for site1 (a rotation is the site's own): ignored. A
+    removal whose round opened before its quorum was complete is never approved: the
+    next member's `remove` says so and proposes it anew, for a later round."""
+    fed = factory.make(tmp_path, n=3, rounds=4)
+    fed.prepare()
+    key = forge(fed, me(fed, "site0"), {"op": epochs.ROTATE, "site": "site1"}, Identity.generate("site1").public(),
+                approvers=[me(fed, "site2")])
+    shared = fedmod.load(fed.storage)
+    assert shared.members["site1"] == me(fed, "site1").public() and key in shared.log.ignored
+    fed2 = factory.make(tmp_path / "b", n=3, rounds=4)
+    fed2.prepare()
+    first = cli("remove", "site2", "--site", "site0", "--home", fed2.home).stdout
+    assert "1 of 2 approvals, 1 more needed from site1, site2. It applies from round 2." in first
+    for s in fed2.sites:
+        fed2.run(s, stop_after="seal")  # rounds 0 and 1 sealed: round 2 is open
+    late = cli("remove", "site2", "--site", "site1", "--home", fed2.home).stdout
+    assert "epochs/00003/r00002/site0.json came too late for the round it named; this is a new proposal." in late
+    assert "1 of 2 approvals, 1 more needed from site0, site2. It applies from round 4." in late
+    assert members(fed2) == ["site0", "site1", "site2"]
+    assert "It applies from round 4" in cli("remove", "site2", "--site", "site0", "--home", fed2.home).stdout
+    assert members(fed2) == ["site0", "site1"]
+    reports = sweep(fed2, fed2.sites)
+    assert reports["site0"].finished and reports["site2"].phase == "removed"
+    assert "from 4 on" in reports["site2"].message

@@ -43,7 +43,7 @@ def test_endpoint_and_region_from_the_environment_survive_cron(s3_endpoint, tmp_
 
 def test_every_storage_command_takes_endpoint():
     commands = get_command(app).commands
-    for name in ("init", "join", "admit", "round", "run", "status", "verify"):
+    for name in ("init", "join", "admit", "remove", "rotate-keys", "round", "run", "status", "verify"):
         assert "--endpoint" in [o for p in commands[name].params for o in p.opts], name
 
 

@@ -64,7 +64,8 @@ def test_every_command_explains_itself():
 
     commands = get_command(app).commands
     top = cli("--help").stdout
-    assert sorted(commands) == sorted(["init", "join", "admit", "round", "run", "status", "verify", "simulate"])
+    assert sorted(commands) == sorted(["init", "join", "admit", "remove", "rotate-keys", "round", "run", "status",
+                                      "verify", "simulate"])
     for name, command in commands.items():
         assert f" {name} " in top, name
         text = cli(name, "--help").stdout
@@ -179,7 +180,7 @@ def test_objects_from_another_federation_or_a_non_member_are_refused(tmp_path):
     head, change = fed.log.head, {"op": epochs.ADMIT, "site": "mallory"}
     key, data = epochs.proposal(fed.id, head, change, epochs.changed(head, change, outsider.public()), outsider)
     fed.storage.put_new(key, data)
-    akey, adata = epochs.approval(fed.id, head.number + 1, sha256_hex(data), outsider)
+    akey, adata = epochs.approval(fed.id, head.number + 1, 0, sha256_hex(data), outsider)
     fed.storage.put_new(akey, adata)
     again = fedmod.load(fed.storage)
     assert "mallory" not in again.members and again.members == fed.members
@@ -193,7 +194,7 @@ def test_rolled_back_or_replaced_membership_is_refused(tmp_path):
     url = str(tmp_path / "shared")
     form(tmp_path, url, 2)
     open_site(tmp_path / "home", "site0")  # keeps the verified epoch chain
-    approval = tmp_path / "shared" / layout.epoch_approval(1, "site0")
+    approval = tmp_path / "shared" / layout.epoch_approval(1, 0, "site0")
     saved = approval.read_bytes()
     approval.unlink()
     with pytest.raises(IntegrityError, match="epoch 1 disappeared from the shared storage"):

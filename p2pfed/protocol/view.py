@@ -103,15 +103,28 @@ class View:
         seal = self.start_seal()
         return seal["participants"] if seal else []
 
-    def recipients(self) -> dict:
-        """Envelopes are encrypted to the participants' keys of the pinned epoch (before the
-        start: to every member of the head epoch)."""
+    def participants_of(self, r: int) -> list[str]:
+        """Who takes part in round r: the members of the epoch in force at round r (an
+        epoch applies from its `from_round`), never fewer than the start pinned."""
+        if not self.participants:
+            return []
+        return sorted(self.fed.members_at(r)) if r >= self.mode.first_round else self.participants
+
+    def recipients(self, key: str | None = None) -> dict:
+        """Whom an envelope at `key` is encrypted to: for a round's objects, the participants
+        of that round with the keys of the epoch in force then (a removed site or an old
+        key reads nothing written later); for the final metrics, those of the last round;
+        otherwise the start's participants (before the start: every member)."""
         seal = self.start_seal()
         if not seal:
             return self.fed.members
-        e = seal.get("epoch")
-        keys = self.fed.log.chain[e].members if e is not None and e < len(self.fed.log.chain) else self.fed.members
-        return {s: keys[s] for s in seal["participants"]}
+        r = layout.round_of(key) if key else None
+        if r is None and key and layout.kind_of(key) and layout.kind_of(key)[0] == "final":
+            r = self.s.rounds
+        if r is not None and r >= self.mode.first_round:
+            return {s: i for s, i in self.fed.members_at(r).items()}
+        keys = self.fed.members_at(0)
+        return {s: keys[s] for s in seal["participants"] if s in keys}
 
     # -- rounds ------------------------------------------------------------------------------
     def seal(self, r: int) -> dict | None:
@@ -133,7 +146,7 @@ class View:
         return body
 
     def _check_seal(self, r: int, body: dict) -> None:
-        key, parts = layout.seal(r), self.participants
+        key, parts = layout.seal(r), self.participants_of(r)
         contrib = body.get("contributions")
         if body.get("round") != r or not isinstance(contrib, dict) or not contrib \
                 or not all(isinstance(v, str) for v in contrib.values()):
@@ -174,7 +187,7 @@ class View:
 
     def committed(self, r: int) -> list[str]:
         """Participants with a commit key in round r (listed, not yet verified)."""
-        return [s for s in self.participants if self.has(layout.commit(r, s))]
+        return [s for s in self.participants_of(r) if self.has(layout.commit(r, s))]
 
     def commits(self, r: int) -> dict[str, tuple[str, dict]]:
         """site -> (sha256 of the commit bytes, verified body) for round r's commits."""
@@ -195,5 +208,5 @@ class View:
         if r not in self._merged:
             self._merged[r] = {s: read_record(self.fed, layout.merged(r, s), "merged", s,
                                               data=self.get(layout.merged(r, s)))
-                               for s in self.participants if self.has(layout.merged(r, s))}
+                               for s in self.participants_of(r) if self.has(layout.merged(r, s))}
         return self._merged[r]

@@ -22,7 +22,7 @@ class Writer:
         stored envelope (what commits list)."""
         if not self.view.has(key):
             try:
-                blob = put_envelope(self.fed, key, kind, payload, self.me, recipients=self.view.recipients(),
+                blob = put_envelope(self.fed, key, kind, payload, self.me, recipients=self.view.recipients(key),
                                     **binding)
                 self.view.learn(key, blob)
                 return crypto.sha256_hex(blob)

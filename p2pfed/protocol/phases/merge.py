@@ -147,7 +147,7 @@ def confirm(t) -> None:
         return
     for rs, checked in sorted(pending.items()):
         r, result = int(rs), _record(t, int(rs))["result"]
-        for site in t.view.participants:
+        for site in t.view.participants_of(r):
             if site in checked or not t.view.has(layout.merged(r, site)):
                 continue
             other = read_record(t.fed, layout.merged(r, site), "merged", site, data=t.view.get(layout.merged(r, site)))
@@ -156,7 +156,7 @@ def confirm(t) -> None:
                                        "compare p2pfed versions of the two sites; no round after it is trusted")
             checked = [*checked, site]
         pending = {**pending, rs: checked}
-        if set(checked) >= set(t.view.participants):
+        if set(checked) >= set(t.view.participants_of(r)):
             del pending[rs]
     if pending != t.state.get("unconfirmed"):
         t.save(unconfirmed=pending)

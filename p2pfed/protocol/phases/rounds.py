@@ -32,12 +32,16 @@ def advance(t) -> str | None:
         t.save(round=r)
     t.report.round = min(r, t.s.rounds)
     m = merge.next_unmerged(t, r)
-    if m is not None:
+    if m is not None and t.site in v.participants_of(m):
         t.enter("merge")
         return merge.merge_round(t, m)
+    if t.site not in v.participants_of(min(r, t.s.rounds)):  # removed by an epoch in force by round r
+        raise Wait("removed", f"site {t.site!r} was removed from the federation: it takes part in "
+                              f"no round from {_first_without(t)} on", [], rnd=r)
     merge.confirm(t)
     if r > t.s.rounds:
         return None
+    t.adopt_keys(r)  # a rotated key is used from the round its epoch applies
     if t.site not in v.committed(r):
         cached = cached_training(t, r)
         if cached is None:
@@ -51,6 +55,10 @@ def advance(t) -> str | None:
         return f"committed round {r}"
     t.enter("seal")
     return seal(t, r)
+
+
+def _first_without(t) -> int:
+    return next(r for r in range(t.mode.first_round, t.s.rounds + 1) if t.site not in t.view.participants_of(r))
 
 
 # --------------------------------------------------------------------------- train
@@ -130,7 +138,7 @@ def sealable(t, r: int) -> tuple[dict[str, str], list[str]]:
 
 
 def seal(t, r: int) -> str:
-    v, parts = t.view, t.view.participants
+    v, parts = t.view, t.view.participants_of(r)
     opened, now = v.opened_at(r), int(time.time())
     deadline = opened + t.s.deadline_s
     listed, malformed = v.committed(r), []
@@ -152,4 +160,4 @@ def pending(v) -> dict | None:
     r = v.current_round()
     if r > v.s.rounds:
         return None
-    return {"round": r, "waiting_for": [s for s in v.participants if s not in v.committed(r)]}
+    return {"round": r, "waiting_for": [s for s in v.participants_of(r) if s not in v.committed(r)]}
