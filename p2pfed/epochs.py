@@ -128,23 +128,28 @@ def load(list_keys: Callable[[], list[str]], read: Callable[[str], bytes], fed_i
         if not won:
             log.open = [Proposal(found[sha][0], sha, found[sha][1], tuple(votes[sha]), need) for sha in sorted(found)]
             break
-        key, epoch = found[won[0]]
-        log.chain.append(Epoch(**{**epoch.__dict__, "approvers": tuple(votes[won[0]])}))
-        log.records[key] = read(key)
-        for sha, voters in votes.items():
-            for s in voters:
-                akey = layout.epoch_approval(e, found[sha][1].from_round, s)
-                if sha == won[0]:
-                    log.records[akey] = read(akey)
-                else:
-                    log.ignored[akey] = f"{akey}: approves a proposal that lost epoch {e} to {key}"
-            if sha != won[0]:
-                log.ignored[found[sha][0]] = f"{found[sha][0]}: lost epoch {e} to {key}"
+        _decide(log, e, found, votes, won[0], read)
     for rest in (proposals, approvals):
         for e, keys in rest.items():
             for key in keys:
                 log.ignored.setdefault(key, f"{key}: epoch {e} does not follow epoch {log.head.number}")
     return log
+
+
+def _decide(log: Log, e: int, found: dict, votes: dict, winner: str, read) -> None:
+    """Epoch e is the `winner` proposal; its records are kept, the losers' ignored."""
+    key, epoch = found[winner]
+    log.chain.append(Epoch(**{**epoch.__dict__, "approvers": tuple(votes[winner])}))
+    log.records[key] = read(key)
+    for sha, voters in votes.items():
+        for s in voters:
+            akey = layout.epoch_approval(e, found[sha][1].from_round, s)
+            if sha == winner:
+                log.records[akey] = read(akey)
+            else:
+                log.ignored[akey] = f"{akey}: approves a proposal that lost epoch {e} to {key}"
+        if sha != winner:
+            log.ignored[found[sha][0]] = f"{found[sha][0]}: lost epoch {e} to {key}"
 
 
 def _proposals(log: Log, keys: dict[str, str], read, fed_id: str) -> dict[str, tuple[str, Epoch]]:

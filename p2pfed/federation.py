@@ -208,9 +208,10 @@ class Outcome:
         return max(0, self.needed - len(self.approvers))
 
 
-def admit(fed: Federation, name: str, by: Identity, fingerprint: str, started: bool,
+def admit(fed: Federation, name: str, by: Identity, fingerprint: str,
           open_round: int | None = None) -> Outcome | None:
-    """Propose or approve the admission of a pending site; None if it is a member already."""
+    """Propose or approve the admission of a pending site (or a member's rotated keys);
+    None if it is a member already. `open_round`: None before the start."""
     _require_member(fed, by, f"p2pfed admit {name}")
     rotation = [p for p in fed.log.open if p.epoch.change == {"op": epochs.ROTATE, "site": name}]
     if name in fed.members and rotation:  # approving a member's new keys is admitting them
@@ -229,11 +230,12 @@ def admit(fed: Federation, name: str, by: Identity, fingerprint: str, started: b
                          "the site must run `p2pfed join` first; `p2pfed status` lists pending joins")
     else:
         who = fed.pending[name]
-    if started:
-        raise UsageError(f"the federation has started; {name!r} can no longer be admitted",
-                         "membership is fixed once the fingerprint phase is sealed")
+    first = next_round(open_round)  # a running federation: it takes part from the round after next
+    if first > fed.settings.rounds:
+        raise UsageError(f"the federation's last round is {fed.settings.rounds}; {name!r} would take part "
+                         f"from round {first}", "too late to admit; start a new federation with it")
     _check_fingerprint(fingerprint, who, name)
-    return approve(fed, change, by, epochs.changed(fed.log.head, change, who))
+    return approve(fed, change, by, epochs.changed(fed.log.head, change, who), first, open_round)
 
 
 def remove(fed: Federation, name: str, by: Identity, open_round: int | None) -> Outcome | None:

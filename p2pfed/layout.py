@@ -75,6 +75,25 @@ def merged(r: int, site: str) -> str:
     return f"{round_dir(r)}/merged/{site}.json"
 
 
+def handover(r: int, publisher: str, newcomer: str) -> str:
+    """The record listing what `publisher` hands a site admitted from round r + 1."""
+    return f"{round_dir(r)}/{publisher}/handover-{newcomer}.json"
+
+
+def handover_shard(r: int, publisher: str, newcomer: str, sha256: str) -> str:
+    return f"{round_dir(r)}/{publisher}/handover-{newcomer}/{sha256}.shard"
+
+
+def handover_fingerprint(r: int, publisher: str, newcomer: str) -> str:
+    return f"{round_dir(r)}/{publisher}/handover-{newcomer}/fingerprint.p2pf"
+
+
+def handover_for(key: str) -> str | None:
+    """The newcomer a handover object is for (its only reader), or None."""
+    m = re.match(r"^rounds/\d{5}/[^/]+/handover-([^/]+?)(?:\.json|/.*)$", key)
+    return m.group(1) if m else None
+
+
 def final_metrics(site: str) -> str:
     return f"final/{site}.p2pf"
 
@@ -107,6 +126,9 @@ KINDS: list[tuple[re.Pattern, str, bool]] = [
     (re.compile(r"^rounds/\d{5}/([^/]+)/COMMIT\.json$"), "commit", False),
     (re.compile(r"^rounds/\d{5}/SEAL\.json$"), "seal", False),
     (re.compile(r"^rounds/\d{5}/merged/([^/]+)\.json$"), "merged", False),
+    (re.compile(r"^rounds/\d{5}/([^/]+)/handover-[^/]+\.json$"), "handover", False),
+    (re.compile(r"^rounds/\d{5}/([^/]+)/handover-[^/]+/[0-9a-f]{64}\.shard$"), "handover-shard", True),
+    (re.compile(r"^rounds/\d{5}/([^/]+)/handover-[^/]+/fingerprint\.p2pf$"), "handover-fingerprint", True),
     (re.compile(r"^final/([^/]+)\.p2pf$"), "final", True),
 ]
 

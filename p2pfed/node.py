@@ -117,7 +117,7 @@ def join(storage_url: str, opts: LocalOptions) -> tuple[SiteConfig, PublicIdenti
         _writable(home)
         storage = open_storage(storage_url, opts.endpoint_url)
         fed = fedmod.load(storage)
-        refuse_if_started(fed)
+        refuse_if_finished(fed)
         check_schema(fed, opts.site, info)
         check_trainable(folders["nnunet_raw"], folders["nnunet_preprocessed"], opts.dataset, fed.settings.fold)
         identity = Identity.generate(opts.site)
@@ -128,12 +128,11 @@ def join(storage_url: str, opts: LocalOptions) -> tuple[SiteConfig, PublicIdenti
     return config, identity.public(), fed
 
 
-def refuse_if_started(fed: Federation) -> None:
-    """Membership is fixed once the start seal exists: say so at join, not days later."""
-    if fed.storage.exists(layout.FINGERPRINT_SEAL):
-        finished = any(True for _ in fed.storage.list_prefix("final"))
-        raise SetupError(f"the federation at {fed.storage.url} has {'finished' if finished else 'started'}; "
-                         "it admits no new sites", "ask its members to start a new federation with you")
+def refuse_if_finished(fed: Federation) -> None:
+    """A running federation admits new sites (from a later round); a finished one does not."""
+    if fed.storage.exists(layout.FINGERPRINT_SEAL) and any(True for _ in fed.storage.list_prefix("final")):
+        raise SetupError(f"the federation at {fed.storage.url} has finished; it admits no new sites",
+                         "ask its members to start a new federation with you")
 
 
 def open_site(home_dir: str | None, site: str, endpoint: str | None = None,
@@ -180,7 +179,7 @@ def admit(home_dir: str | None, site: str, name: str, fingerprint: str,
           endpoint: str | None = None) -> fedmod.Outcome | None:
     home, _, fed = open_site(home_dir, site, endpoint)
     open_round = _open_round(home, fed)
-    return fedmod.admit(fed, name, home.identity(), fingerprint, open_round is not None, open_round)
+    return fedmod.admit(fed, name, home.identity(), fingerprint, open_round)
 
 
 def remove(home_dir: str | None, site: str, name: str, endpoint: str | None = None) -> fedmod.Outcome | None:

@@ -90,9 +90,12 @@ def setup(workdir: str | Path, n_sites: int = 3, *, storage: str | None = None, 
 
     founder, *others = sites
     sim.cli("init", sim.storage, *local(founder), "--sites", str(n_sites), *init_args)
+    members = [founder]
     for site in others:
         joined = json.loads(sim.cli("join", sim.storage, *local(site), "--json").stdout)
-        sim.cli("admit", site.name, "--site", founder.name, "--fingerprint", joined["fingerprint"])
+        for member in members:  # a majority of the members must approve; here all do
+            sim.cli("admit", site.name, "--site", member.name, "--fingerprint", joined["fingerprint"])
+        members.append(site)
     return sim
 
 

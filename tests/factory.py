@@ -182,6 +182,13 @@ def site_home(fed: Fed, ident: Identity) -> None:
     SiteHome(fed.home, ident.site).create(ident, config)
 
 
+def raw_dataset_for(fed: Fed, site: str) -> Path:
+    """The nnU-Net raw folder of `site` (created: dataset id 1 + the number in its name)."""
+    from test_membership import raw_dataset
+
+    return raw_dataset(fed.root / site / "raw", int(site[4:]) + 1)
+
+
 def join(fed: Fed, site: str) -> Identity:
     """A new site (siteN) asks to join: keys, home and join request, as `p2pfed join` makes them."""
     ident = Identity.generate(site)
@@ -194,7 +201,7 @@ def join(fed: Fed, site: str) -> Identity:
 def admit(storage, ident: Identity, members: list[Identity]) -> None:
     """Members approve `ident`'s admission in name order until it is in force (a majority)."""
     for member in members:
-        outcome = fedmod.admit(fedmod.load(storage), ident.site, member, ident.public().fingerprint(), started=False)
+        outcome = fedmod.admit(fedmod.load(storage), ident.site, member, ident.public().fingerprint())
         if outcome.in_force:
             return
     raise AssertionError(f"{ident.site} not admitted by {[m.site for m in members]}")

@@ -4,6 +4,7 @@ every site refuses a rolled back or forked history (issue 11, attacks 4 and 12).
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from typer.testing import CliRunner
@@ -229,7 +230,7 @@ def test_a_non_member_cannot_propose_and_admit_outside_the_chain_is_refused(tmp_
     result = admit(fed, "site1", "site2", "00" * 32, ok=False)
     assert result.exit_code == 3 and "site 'site2' is not a member" in result.output
     with pytest.raises(SetupError, match="not a member"):
-        fedmod.admit(fedmod.load(fed.storage), "site2", Identity.generate("x"), "00" * 32, started=False)
+        fedmod.admit(fedmod.load(fed.storage), "site2", Identity.generate("x"), "00" * 32)
 
 
 # --------------------------------------------------------------------------- remove, rotate-keys
@@ -338,3 +339,74 @@ def test_only_a_site_itself_can_rotate_its_keys_and_a_late_approval_is_refused(t
     reports = sweep(fed2, fed2.sites)
     assert reports["site0"].finished and reports["site2"].phase == "removed"
     assert "from 4 on" in reports["site2"].message
+
+
+# --------------------------------------------------------------------------- admission into a running federation
+@pytest.mark.parametrize("mode", ["ffe", "asym"])
+def test_a_site_admitted_into_a_running_federation_ends_with_the_same_model(tmp_path, mode):
+    """site3 joins a started federation of 4 rounds; site0 and site1 admit it while round
+    1 is open in asym (0 in FFE, before the initial model): it takes part from round 2
+    (3 in asym), every later seal counts it, and it ends on the same merged model as
+    the others. FFE: site0 hands it the merge of the round before, which it checks
+    against the merge records; it never reads that round's contributions."""
+    fed = factory.make(tmp_path, n=3, rounds=4, mode=mode)
+    fed.prepare()
+    if mode == "asym":
+        for s in fed.sites:
+            fed.run(s, stop_after="upload")  # round 1 is open
+    joined = cli("join", fed.url, "--site", "site3", "--dataset", 4, "--nnunet-raw",
+                 factory.raw_dataset_for(fed, "site3"), "--nnunet-preprocessed", tmp_path / "site3" / "pre",
+                 "--nnunet-results", tmp_path / "site3" / "res", "--home", fed.home, "--json")
+    fp = json.loads(joined.stdout)["fingerprint"]
+    fed.sites.append("site3")
+    first = 2 if mode == "ffe" else 3
+    admit(fed, "site3", "site0", fp)
+    assert f"in force (2 of 2 approvals: site0, site1). It applies from round {first}." in \
+        admit(fed, "site3", "site1", fp).stdout
+    reports = sweep(fed, fed.sites)
+    assert all(r.finished for r in reports.values()), {s: r.message for s, r in reports.items()}
+    for r in range(1, 5):
+        seal = json.loads(fed.path(layout.seal(r)).read_text())["body"]
+        assert ("site3" in seal["contributions"]) == (r >= first), r
+    results = {fed.merged_record(s, 4)["result"] for s in fed.sites}
+    owns = {fed.merged_record(s, 4)["own"] for s in fed.sites}
+    assert len(results) == 1 and (len(owns) == 1 or mode == "asym")
+    site3 = me(fed, "site3")
+    assert not opens(fed, layout.meta(first - 1, "site0"), site3) and opens(fed, layout.meta(first, "site0"), site3)
+    if mode == "ffe":
+        assert fed.merged_record("site3", first - 1)["handed_over_by"] == "site0"
+        assert fed.merged_record("site3", first - 1)["own"] == fed.merged_record("site0", first - 1)["own"]
+    assert all(f.ok for f in verify_storage(fedmod.load(fed.storage), site3))
+
+
+def test_a_site_admitted_while_the_start_was_sealed_takes_part_from_the_first_round(tmp_path):
+    """The start seal pins epoch 0 (site0 alone, `--sites 1`) while epoch 1, admitting site1
+    before the start (from round 0), was decided: site1 is not a start participant but takes
+    part from round 1 on (asym: from its own network), instead of being told it came too late."""
+    fed = factory.make(tmp_path, n=2, sites=1, mode="asym")
+    shared = fedmod.load(fed.storage)
+    objects.put_record(shared, layout.FINGERPRINT_SEAL, "fingerprint-seal",
+                       {"participants": ["site0"], "sealed_at": int(time.time()), "epoch": 0,
+                        "epoch_sha256": shared.log.chain[0].sha256}, me(fed, "site0"))
+    reports = sweep(fed, fed.sites, times=6)
+    assert all(r.finished for r in reports.values()), {s: r.message for s, r in reports.items()}
+    for r in (1, 2):
+        assert sorted(json.loads(fed.path(layout.seal(r)).read_text())["body"]["contributions"]) == fed.sites
+
+
+def test_a_handover_of_another_model_is_refused(tmp_path):
+    """The publisher (site0) signs a handover record naming another model than the merge
+    of round 1 every participant recorded: the newcomer refuses it and trains nothing."""
+    fed = factory.make(tmp_path, n=3, rounds=4)
+    fed.prepare()
+    fp = factory.join(fed, "site3").public().fingerprint()
+    admit(fed, "site3", "site0", fp)
+    admit(fed, "site3", "site1", fp)
+    sweep(fed, fed.sites[:3], times=4)  # rounds 0 and 1 done; round 2 waits for site3
+    key = layout.handover(1, "site0", "site3")
+    body = json.loads(fed.path(key).read_text())["body"]
+    assert body["model"] == fed.merged_record("site0", 1)["own"]
+    fed.path(key).write_bytes(sign_record({**body, "model": "0" * 64}, me(fed, "site0")))
+    with pytest.raises(IntegrityError, match="hands over model 000000000000, not the merge of round 1"):
+        fed.run("site3")
+    assert not fed.path(layout.commit(2, "site3")).exists()

@@ -17,7 +17,7 @@ from typer.main import get_command
 import factory
 from conftest import new_bucket
 from p2pfed import federation as fedmod
-from p2pfed import node, site as sitemod
+from p2pfed import layout, node, objects, site as sitemod
 from p2pfed import status as statusmod
 from p2pfed.cli.app import app
 from p2pfed.errors import SetupError
@@ -53,11 +53,17 @@ def test_failed_init_leaves_no_site_home(tmp_path):
     assert result.exit_code == 5 and not (HOME(tmp_path) / "sites" / "a").exists()
 
 
-def test_join_of_a_started_federation_writes_nothing(tmp_path):
+def test_join_of_a_started_federation_is_a_join_request_and_of_a_finished_one_writes_nothing(tmp_path):
+    """A running federation admits new sites (from a later round, docs/design.md 7.1); a
+    finished one does not, and the refused join leaves nothing behind."""
     started(tmp_path)
-    result = cli("join", tmp_path / "shared", *site_args(tmp_path, "b", 2), ok=False)
-    assert result.exit_code == 3 and "has started; it admits no new sites" in result.output
-    assert not (tmp_path / "shared" / "joins").exists() and not (HOME(tmp_path) / "sites" / "b").exists()
+    cli("join", tmp_path / "shared", *site_args(tmp_path, "b", 2))
+    assert (tmp_path / "shared" / "joins" / "b.json").exists() and (HOME(tmp_path) / "sites" / "b").exists()
+    home, _, view = node.open_site(HOME(tmp_path), "a")
+    objects.put_envelope(view, layout.final_metrics("a"), "final", b"{}", home.identity())
+    result = cli("join", tmp_path / "shared", *site_args(tmp_path, "c", 3), ok=False)
+    assert result.exit_code == 3 and "has finished; it admits no new sites" in result.output
+    assert not (tmp_path / "shared" / "joins" / "c.json").exists() and not (HOME(tmp_path) / "sites" / "c").exists()
 
 
 def refuse_keys(path, data, mode=0o644):

@@ -110,6 +110,14 @@ class View:
             return []
         return sorted(self.fed.members_at(r)) if r >= self.mode.first_round else self.participants
 
+    def joins_at(self, site: str) -> int | None:
+        """The first round of a site admitted after the start (None: a start participant,
+        or no participant of any round)."""
+        if not self.participants or site in self.participants:
+            return None
+        return next((r for r in range(self.mode.first_round, self.s.rounds + 1)
+                     if site in self.participants_of(r)), None)
+
     def recipients(self, key: str | None = None) -> dict:
         """Whom an envelope at `key` is encrypted to: for a round's objects, the participants
         of that round with the keys of the epoch in force then (a removed site or an old
@@ -119,6 +127,11 @@ class View:
         if not seal:
             return self.fed.members
         r = layout.round_of(key) if key else None
+        newcomer = layout.handover_for(key) if key else None
+        if newcomer is not None:  # a handover: for the newcomer (and its author, who re-reads it)
+            keys = self.fed.members_at(r + 1)
+            author = layout.kind_of(key)[2]
+            return {s: keys[s] for s in (newcomer, author) if s in keys}
         if r is None and key and layout.kind_of(key) and layout.kind_of(key)[0] == "final":
             r = self.s.rounds
         if r is not None and r >= self.mode.first_round:

@@ -48,7 +48,8 @@ def next_unmerged(t, current: int) -> int | None:
     """The oldest sealed round (before `current`) that this site has not merged."""
     r = t.state.get("merged_upto", t.mode.first_round - 1) + 1
     while r < current and r <= t.s.rounds:
-        if _record(t, r) is None or (r > 0 and not t.view.has(layout.merged(r, t.site))):
+        if _record(t, r) is None or (r > 0 and t.site in t.view.participants_of(r)
+                                     and not t.view.has(layout.merged(r, t.site))):
             return r
         t.save(merged_upto=r)
         r += 1

@@ -27,9 +27,9 @@ def advance(t) -> str | None:
                              "epoch": head.number, "epoch_sha256": head.sha256})
         return f"sealed {layout.FINGERPRINT_SEAL}" if won else ""
     parts = seal["participants"]
-    if t.site not in parts:
+    if t.site not in parts and t.view.joins_at(t.site) is None:
         raise SetupError(f"site {t.site!r} joined after the federation started (participants: {', '.join(parts)})",
-                         "it cannot take part in this federation; start a new one to include it")
+                         "the members must admit it into the running federation (p2pfed admit) first")
     if "participants" not in t.state:
         t.trainer.check_ready()  # before this site shares anything: its data must be usable
         t.save(participants=parts, started_at=seal["sealed_at"], start_epoch=seal["epoch"])
