@@ -110,6 +110,11 @@ class View:
             return []
         return sorted(self.fed.members_at(r)) if r >= self.mode.first_round else self.participants
 
+    def quorum_of(self, r: int) -> int:
+        """Contributions that may seal round r after its deadline: `--quorum` (default all
+        sites), never more than the round has participants (after a removal)."""
+        return min(self.s.effective_quorum, len(self.participants_of(r)))
+
     def joins_at(self, site: str) -> int | None:
         """The first round of a site admitted after the start (None: a start participant,
         or no participant of any round)."""
@@ -177,7 +182,7 @@ class View:
                 raise IntegrityError(f"{key}: claims round {r} opened at {body.get('opened_at')}, "
                                      f"not at {opened} when round {r - 1} was sealed")
             if len(contrib) < len(parts) and (
-                    body.get("reason") != "deadline" or len(contrib) < self.s.effective_quorum
+                    body.get("reason") != "deadline" or len(contrib) < self.quorum_of(r)
                     or not isinstance(body.get("sealed_at"), int)
                     or body["sealed_at"] + CLOCK_SKEW_S < opened + self.s.deadline_s):
                 raise IntegrityError(f"{key}: sealed with {len(contrib)} contributions before the deadline")

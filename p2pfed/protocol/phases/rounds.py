@@ -160,10 +160,10 @@ def seal(t, r: int) -> str:
     opened, now = v.opened_at(r), int(time.time())
     deadline = opened + t.s.deadline_s
     listed, malformed = v.committed(r), []
-    if len(listed) == len(parts) or (len(listed) >= t.s.effective_quorum and now >= deadline):
+    if len(listed) == len(parts) or (len(listed) >= v.quorum_of(r) and now >= deadline):
         commits, malformed = sealable(t, r)
         reason = "all" if len(commits) == len(parts) else "deadline"
-        if reason == "all" or (len(commits) >= t.s.effective_quorum and now >= deadline):
+        if reason == "all" or (len(commits) >= v.quorum_of(r) and now >= deadline):
             body = {"round": r, "contributions": commits, "reason": reason, "opened_at": opened, "sealed_at": now}
             crash_point("seal")
             return f"sealed {layout.seal(r)}" if t.write.claim(layout.seal(r), "seal", body) else ""
@@ -171,7 +171,7 @@ def seal(t, r: int) -> str:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(deadline))
     waiting = ", ".join(missing + malformed)
     raise Wait("round", f"round {r}/{t.s.rounds}: waiting for {waiting} "
-                        f"(quorum {t.s.effective_quorum} may seal after {when})", missing + malformed, deadline, rnd=r)
+                        f"(quorum {v.quorum_of(r)} may seal after {when})", missing + malformed, deadline, rnd=r)
 
 
 def pending(v) -> dict | None:
