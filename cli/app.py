@@ -234,12 +234,12 @@ def join(
 @app.command()
 @handled
 def admit(
-    name: str = typer.Argument(..., help="The pending site to admit."),
+    name: str = typer.Argument(..., help="The pending site to admit (or the member whose new keys you approve)."),
     site: str = typer.Option(..., "--site", help="Your own site (a member)."),
     fingerprint: str = typer.Option(..., "--fingerprint", help="The fingerprint the site sent you out of band (phone, e-mail), with or without spaces; a mismatch is refused."),
     endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,
 ):
-    """Propose or approve admitting a pending site (a majority of members must approve). Admitting a member is a no-op."""
+    """Propose or approve admitting a pending site, or a member's new keys (a majority of members must approve)."""
     from p2pfed import node
 
     outcome = node.admit(home, site, name, fingerprint, endpoint)
