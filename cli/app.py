@@ -184,6 +184,7 @@ def init(
     no_final_validation: bool = NoFinalValidation, _final_validation: bool = FinalValidation,
     max_update_norm: Optional[float] = typer.Option(None, "--max-update-norm", help="Refuse updates whose L2 distance to the base model exceeds this times the base model's norm (off by default)."),
     max_weight_share: Optional[float] = typer.Option(None, "--max-weight-share", help="Cap any one contributor's share of a merge's total weight at S, 0 < S <= 1 (off by default)."),
+    admission_quorum: Optional[int] = typer.Option(None, "--admission-quorum", help="Members who must approve each admission, removal or key rotation (default and minimum: a majority of the members)."),
     nnunet_raw: Optional[str] = Raw, nnunet_preprocessed: Optional[str] = Pre,
     nnunet_results: Optional[str] = Res, device: str = Device,
     endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,
@@ -198,7 +199,8 @@ def init(
                         deadline_s=parse_duration(deadline), weighting=weighting, layers=layers,
                         trainer=trainer, planner=planner, plans_identifier=plans_identifier,
                         gpu_memory_target=gpu_memory_target, final_validation=not no_final_validation,
-                        max_update_norm=max_update_norm, max_weight_share=max_weight_share)
+                        max_update_norm=max_update_norm, max_weight_share=max_weight_share,
+                        admission_quorum=admission_quorum)
     opts = _local_options(site, dataset, nnunet_raw, nnunet_preprocessed, nnunet_results, device, endpoint, home)
     config, public = node.init(storage, opts, settings)
     from p2pfed.crypto import grouped
@@ -253,19 +255,73 @@ def _ask_federation(fed) -> bool:
 @app.command()
 @handled
 def admit(
-    name: str = typer.Argument(..., help="The pending site to admit."),
+    name: str = typer.Argument(..., help="The pending site to admit (or the member whose new keys you approve)."),
     site: str = typer.Option(..., "--site", help="Your own site (a member)."),
     fingerprint: str = typer.Option(..., "--fingerprint", help="The fingerprint the site sent you out of band (phone, e-mail), with or without spaces; a mismatch is refused."),
     endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,
 ):
-    """Admit a pending site into the federation (signed by your site). Admitting a member is a no-op."""
+    """Propose or approve admitting a pending site, or a member's new keys (a majority of members must approve)."""
     from p2pfed import node
 
-    who = node.admit(home, site, name, fingerprint, endpoint)
-    if who is None:
+    outcome = node.admit(home, site, name, fingerprint, endpoint)
+    if outcome is None:
         out.print(f"{name!r} is already a member; nothing to do.", markup=False)
         return
-    out.print(f"Admitted {name!r} (fingerprint {who.fingerprint_text()}).", markup=False)
+    from p2pfed.crypto import grouped
+
+    _print_outcome(outcome, f"admit {name} --fingerprint '{grouped(outcome.fingerprint)}'")
+
+
+@app.command()
+@handled
+def remove(
+    name: str = typer.Argument(..., help="The member to remove."),
+    site: str = typer.Option(..., "--site", help="Your own site (a member)."),
+    endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,
+):
+    """Propose or approve removing a member (a majority of members must approve). From the round it applies, nothing is encrypted to it."""
+    from p2pfed import node
+
+    outcome = node.remove(home, site, name, endpoint)
+    if outcome is None:
+        out.print(f"{name!r} is not a member; nothing to do.", markup=False)
+        return
+    _print_outcome(outcome, f"remove {name}")
+
+
+@app.command("rotate-keys")
+@handled
+def rotate_keys(
+    site: str = SiteOpt, endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,
+):
+    """Propose new keys for your site; the other members approve them with `p2pfed admit` and the new fingerprint."""
+    from p2pfed import node
+    from p2pfed.crypto import grouped
+
+    outcome = node.rotate_keys(home, site, endpoint)
+    _print_outcome(outcome, f"admit {site} --fingerprint '{grouped(outcome.fingerprint)}'")
+    out.print("Read the new fingerprint to the other members out of band; the old keys are deleted "
+              "once the new epoch is in force.", markup=False)
+
+
+def _print_outcome(outcome, command: str) -> None:
+    """Say what a membership change needs still: how many approvals, from whom."""
+    from p2pfed.crypto import grouped
+
+    what = f"epoch {outcome.epoch}: {outcome.change['op']} {outcome.change['site']!r}"
+    if outcome.fingerprint:
+        what += f" (fingerprint {grouped(outcome.fingerprint)})"
+    applies = f" It applies from round {outcome.from_round}." if outcome.from_round else ""
+    if outcome.too_late:
+        out.print(f"{outcome.too_late} came too late for the round it named; this is a new proposal.",
+                  markup=False)
+    if outcome.in_force:
+        out.print(f"Approved {what}; it is in force ({len(outcome.approvers)} of {outcome.needed} approvals: "
+                  f"{', '.join(outcome.approvers)}).{applies}", markup=False)
+        return
+    out.print(f"Approved {what}: {len(outcome.approvers)} of {outcome.needed} approvals, "
+              f"{outcome.missing} more needed from {', '.join(outcome.waiting_on)}.{applies}", markup=False)
+    out.print(f"Each of them runs: p2pfed {command} --site MEMBER", markup=False)
 
 
 # --------------------------------------------------------------------------- progress

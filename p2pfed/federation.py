@@ -11,8 +11,8 @@ from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from pathlib import Path
 
-from . import layout, schema
-from .crypto import Identity, PublicIdentity, open_record, record_signer, sha256_hex, sign_record
+from . import epochs, layout, schema
+from .crypto import Identity, PublicIdentity, open_record, sha256_hex, sign_record
 from .errors import IntegrityError, SetupError, UsageError
 from .site import atomic_write
 from .storage import Storage
@@ -61,6 +61,7 @@ class Settings:
     final_validation: bool = True
     max_update_norm: float | None = None
     max_weight_share: float | None = None  # cap on one contributor's share of a merge's weight
+    admission_quorum: int | None = None  # approvals a membership change needs; None: a majority
 
     def __post_init__(self):
         checks = [
@@ -76,6 +77,7 @@ class Settings:
             (self.fold >= 0 or self.fold == -1, "--fold must be >= 0"),
             (self.gpu_memory_target > 0, "--gpu-memory-target must be > 0"),
             (self.max_update_norm is None or self.max_update_norm > 0, "--max-update-norm must be > 0"),
+            (self.admission_quorum is None or self.admission_quorum >= 1, "--admission-quorum must be >= 1"),
             # asym sites train from different merged models: no common base to measure against
             (self.max_update_norm is None or self.mode == "ffe", "--max-update-norm needs --mode ffe"),
             (self.max_weight_share is None or 0 < self.max_weight_share <= 1, "--max-weight-share must be in (0, 1]"),
@@ -125,15 +127,33 @@ class Federation:
     versions: dict
     created: int
     schema: dict
-    members: dict[str, PublicIdentity] = field(default_factory=dict)
+    members: dict[str, PublicIdentity] = field(default_factory=dict)  # of the head epoch
     admitted_by: dict[str, str] = field(default_factory=dict)
     pending: dict[str, PublicIdentity] = field(default_factory=dict)
+    log: epochs.Log | None = None  # the verified membership chain
 
     def expect(self, kind: str, **more) -> dict:
         return {"federation": self.id, "kind": kind, **more}
 
     def member_keys(self) -> dict[str, PublicIdentity]:
         return dict(self.members)
+
+    def epoch_at(self, r: int) -> epochs.Epoch:
+        """The epoch in force at round r: the last one of the chain that applies by then."""
+        return [e for e in self.log.chain if e.from_round <= r][-1]
+
+    def members_at(self, r: int) -> dict[str, PublicIdentity]:
+        return self.epoch_at(r).members
+
+    def authors(self, key: str) -> dict[str, PublicIdentity]:
+        """Whose keys sign the object at `key`: a round's objects, the members of the epoch
+        in force at that round (a removed site or a rotated key signs nothing later); the
+        final metrics, those of the last round; the rest (fingerprints, plans, start seal),
+        the members before the start (epochs applying from round 0)."""
+        r = layout.round_of(key)
+        if r is None and layout.kind_of(key) and layout.kind_of(key)[0] == "final":
+            r = self.settings.rounds
+        return self.members_at(r if r is not None else 0)
 
 
 # --------------------------------------------------------------------------- creation
@@ -157,19 +177,12 @@ def genesis_record(founder: Identity, settings: Settings, schema: dict) -> tuple
 
 
 def publish(storage: Storage, fed_id: str, genesis: bytes, founder: Identity) -> None:
-    """Write federation.json create-only, then the founder's member record."""
+    """Write federation.json create-only: it is epoch 0 of the membership log (the founder)."""
     try:
         storage.put_new(layout.FEDERATION, genesis)
     except FileExistsError:
         raise SetupError(f"a federation already exists at {storage.url}",
                          "use `p2pfed join` to join it, or pick another storage location") from None
-    _admit(storage, fed_id, founder.public(), founder)
-
-
-def _admit(storage: Storage, fed_id: str, who: PublicIdentity, by: Identity) -> None:
-    body = {"kind": "member", "federation": fed_id, "name": layout.member(who.site), "site": who.site,
-            "identity": who.to_json(), "author": by.site, "created": int(time.time())}
-    storage.put_new(layout.member(who.site), sign_record(body, by))
 
 
 def request_join(storage: Storage, fed: Federation, joiner: Identity) -> None:
@@ -186,30 +199,137 @@ def request_join(storage: Storage, fed: Federation, joiner: Identity) -> None:
                          "pick another --site name") from None
 
 
-def admit(fed: Federation, name: str, by: Identity, fingerprint: str, started: bool) -> PublicIdentity | None:
-    """Admit a pending site; None if it is a member already (nothing to do)."""
-    if by.site not in fed.members:
-        raise SetupError(f"site {by.site!r} is not a member and cannot admit anyone",
-                         f"ask a member ({', '.join(sorted(fed.members))}) to run `p2pfed admit {name}`")
+@dataclass(frozen=True)
+class Outcome:
+    """Where a proposed membership change stands after this member's approval."""
+
+    epoch: int
+    change: dict
+    approvers: tuple[str, ...]
+    needed: int
+    waiting_on: tuple[str, ...]  # members of the previous epoch who have not approved
+    fingerprint: str | None = None  # of the site's keys in the new epoch (admit, rotate)
+    from_round: int = 0  # the first round the epoch applies to
+    too_late: str | None = None  # a proposal of the same change that can no longer be approved
+
+    @property
+    def in_force(self) -> bool:
+        return len(self.approvers) >= self.needed
+
+    @property
+    def missing(self) -> int:
+        return max(0, self.needed - len(self.approvers))
+
+
+def admit(fed: Federation, name: str, by: Identity, fingerprint: str,
+          open_round: int | None = None) -> Outcome | None:
+    """Propose or approve the admission of a pending site (or a member's rotated keys);
+    None if it is a member already. `open_round`: None before the start."""
+    _require_member(fed, by, f"p2pfed admit {name}")
+    rotation = [p for p in fed.log.open if p.epoch.change == {"op": epochs.ROTATE, "site": name}]
+    if name in fed.members and rotation:  # approving a member's new keys is admitting them
+        who = rotation[0].epoch.members[name]
+        _check_fingerprint(fingerprint, who, name)
+        return approve(fed, rotation[0].epoch.change, by, rotation[0].epoch.members,
+                       rotation[0].epoch.from_round, open_round)
     if name in fed.members:
         return None
-    if name not in fed.pending:
+    change = {"op": epochs.ADMIT, "site": name}
+    proposed = [p for p in fed.log.open if p.epoch.change == change]
+    if proposed:
+        who = proposed[0].epoch.members[name]
+    elif name not in fed.pending:
         raise UsageError(f"no pending join request from {name!r}",
                          "the site must run `p2pfed join` first; `p2pfed status` lists pending joins")
-    if started:
-        raise UsageError(f"the federation has started; {name!r} can no longer be admitted",
-                         "membership is fixed once the fingerprint phase is sealed")
-    who = fed.pending[name]
+    else:
+        who = fed.pending[name]
+    first = next_round(open_round)  # a running federation: it takes part from the round after next
+    if first > fed.settings.rounds:
+        raise UsageError(f"the federation's last round is {fed.settings.rounds}; {name!r} would take part "
+                         f"from round {first}", "too late to admit; start a new federation with it")
+    _check_fingerprint(fingerprint, who, name)
+    return approve(fed, change, by, epochs.changed(fed.log.head, change, who), first, open_round)
+
+
+def remove(fed: Federation, name: str, by: Identity, open_round: int | None) -> Outcome | None:
+    """Propose or approve removing member `name`; None if it is no member (nothing to do)."""
+    _require_member(fed, by, f"p2pfed remove {name}")
+    if name not in fed.members:
+        return None
+    change = {"op": epochs.REMOVE, "site": name}
+    return approve(fed, change, by, epochs.changed(fed.log.head, change), next_round(open_round), open_round)
+
+
+def rotate(fed: Federation, by: Identity, new: Identity, open_round: int | None) -> Outcome:
+    """Propose new keys for this site (signed with its current ones), and approve them."""
+    _require_member(fed, by, f"p2pfed rotate-keys --site {by.site}")
+    change = {"op": epochs.ROTATE, "site": by.site}
+    return approve(fed, change, by, epochs.changed(fed.log.head, change, new.public()),
+                   next_round(open_round), open_round)
+
+
+def next_round(open_round: int | None) -> int:
+    """The first round a change proposed now applies to: before the start, at once; after
+    it, the round after next, so that the quorum is complete a whole round before it applies
+    and no site contributes to that round with the old member set."""
+    return 0 if open_round is None else open_round + 2
+
+
+def _check_fingerprint(fingerprint: str, who: PublicIdentity, name: str) -> None:
     # the fingerprint, compared out of band, is what tells the joiner from an impostor
     if not same_fingerprint(fingerprint or "", who.fingerprint()):
         # never print the expected value: it is what an impostor would want pasted back
-        raise IntegrityError(f"fingerprint mismatch for {name!r}: the join request has other keys",
-                             "do not admit; ask the site for its fingerprint again out of band")
+        raise IntegrityError(f"fingerprint mismatch for {name!r}: the keys proposed are other keys",
+                             "do not approve; ask the site for its fingerprint again out of band")
+
+
+def approve(fed: Federation, change: dict, by: Identity, members: dict[str, PublicIdentity],
+            from_round: int = 0, open_round: int | None = None) -> Outcome:
+    """Approve the open proposal of the next epoch that makes exactly this change, or
+    propose it. One member has one approval per epoch: it never backs two proposals.
+    `open_round`: the first unsealed round (None before the start)."""
+    head, e = fed.log.head, fed.log.head.number + 1
+    live = [p for p in fed.log.open if open_round is None or p.epoch.from_round > open_round + 1]
+    same = [p for p in live if p.epoch.change == change and p.epoch.members == members]
+    from_round = same[0].epoch.from_round if same else from_round
+    if same:
+        sha, approvers = same[0].sha256, same[0].approvers
+    else:
+        busy = [p for p in live if by.site in p.approvers] or live
+        if busy or fed.storage.exists(layout.epoch_approval(e, from_round, by.site)):
+            p = busy[0] if busy else None
+            what = f"{p.epoch.change['op']} {p.epoch.change['site']!r} by {p.epoch.proposer}" if p else "another change"
+            raise SetupError(f"epoch {e} is already proposed: {what}",
+                             "approve that proposal or let it be decided first, then run this command again")
+        key, data = epochs.proposal(fed.id, head, change, members, by, from_round)
+        _put(fed.storage, key, data, f"site {by.site!r} already proposed another change for epoch {e}")
+        sha, approvers = sha256_hex(data), ()
+    if by.site not in approvers:
+        akey, adata = epochs.approval(fed.id, e, from_round, sha, by)
+        _put(fed.storage, akey, adata, f"site {by.site!r} already approved another proposal for epoch {e}")
+        approvers = tuple(sorted((*approvers, by.site)))
+    need = epochs.quorum(fed.settings.admission_quorum, len(head.members))
+    who = members.get(change["site"])
+    late = [p.key for p in fed.log.open if p not in live and p.epoch.change == change]
+    return Outcome(e, change, approvers, need, tuple(s for s in sorted(head.members) if s not in approvers),
+                   who.fingerprint() if who else None, from_round, late[0] if late else None)
+
+
+def _put(storage: Storage, key: str, data: bytes, taken: str) -> None:
     try:
-        _admit(fed.storage, fed.id, who, by)
+        storage.put_new(key, data)  # identical bytes (a retry) succeed
     except FileExistsError:
-        return None  # admitted meanwhile by another member
-    return who
+        raise SetupError(taken, "a member approves at most one proposal per epoch; "
+                                "wait until that epoch is decided (p2pfed status)") from None
+
+
+def _require_member(fed: Federation, by: Identity, command: str) -> None:
+    if by.site not in fed.members:
+        raise SetupError(f"site {by.site!r} is not a member and cannot admit anyone",
+                         f"ask a member ({', '.join(sorted(fed.members))}) to run `{command}`")
+    if fed.members[by.site] != by.public():
+        raise IntegrityError(f"epoch {fed.log.head.number} lists other keys for {by.site!r} than this site's",
+                             "a member admitted other keys under this site's name; alert the members")
 
 
 def same_fingerprint(given: str, expected: str) -> bool:
@@ -257,39 +377,19 @@ def load(storage: Storage, pinned_genesis: str | None = None, cache: Path | None
 
 
 def _load_members(fed: Federation, founder: PublicIdentity, cache: Path | None = None) -> None:
-    """Accept member records in admission order: each must be signed by an accepted member,
-    with the founder (pinned by federation.json) as the root."""
-    records = {}
-    for key in fed.storage.list_prefix("members"):
-        site = layout.site_of(key, "member")
-        if site is None:
-            continue  # not a member record's name: foreign junk, reported by `verify`
+    """Verify the membership chain from the genesis (epochs.load); `cache` holds chain
+    records this site verified before (read from there, not fetched again)."""
+    def read(key: str) -> bytes:
         kept = cache / key if cache else None
-        records[site] = (key, kept.read_bytes() if kept and kept.exists() else fed.storage.get(key))
-    fed.members = {founder.site: founder}
-    fed.admitted_by = {}
-    progress = True
-    while progress:
-        progress = False
-        for site, (key, data) in sorted(records.items()):
-            signer_of = record_signer(data, key)
-            if site in fed.admitted_by or signer_of not in fed.members:
-                continue
-            body, signer = open_record(data, authors=fed.members, name=key,
-                                       expect=fed.expect("member", site=site, name=key, author=signer_of))
-            ident = PublicIdentity.from_json(body["identity"], key)
-            if ident.site != site:
-                raise IntegrityError(f"{key}: names site {ident.site!r}")
-            if site == founder.site and ident != founder:
-                raise IntegrityError(f"{key}: founder keys differ from federation.json")
-            fed.members[site], fed.admitted_by[site] = ident, signer
-            progress = True
-    orphans = sorted(set(records) - set(fed.admitted_by))
-    if orphans:
-        raise IntegrityError(f"members/{orphans[0]}.json is not signed by a member",
-                             "someone wrote a forged member record; run `p2pfed verify`")
+        return kept.read_bytes() if kept and kept.exists() else fed.storage.get(key)
+
+    genesis = epochs.Epoch(0, fed.genesis_sha256, {founder.site: founder})
+    fed.log = epochs.load(lambda: fed.storage.list_prefix("epochs"), read, fed.id, genesis,
+                          fed.settings.admission_quorum)
+    fed.members = dict(fed.log.head.members)
+    fed.admitted_by = fed.log.admitted_by()
     if cache is not None:
-        for key, data in records.values():
+        for key, data in fed.log.records.items():
             if not (cache / key).exists():
                 (cache / key).parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(cache / key, data)
@@ -335,14 +435,8 @@ def check_versions(fed: Federation) -> None:
                              f"install {rule} on this site (every site must run it)")
 
 
-def check_pins(fed: Federation, known: dict[str, str]) -> dict[str, str]:
-    """Members a site has seen must stay, with the same keys: a rolled-back member list
-    or swapped keys are refused. Returns the updated pins."""
-    for site, fp in known.items():
-        if site not in fed.members:
-            raise IntegrityError(f"member {site!r} disappeared from the shared storage",
-                                 "the member list was rolled back or deleted; alert the members")
-        if fed.members[site].fingerprint() != fp:
-            raise IntegrityError(f"member {site!r} has different keys than before",
-                                 "a member record was replaced; alert the members")
-    return {site: ident.fingerprint() for site, ident in sorted(fed.members.items())}
+def check_pins(fed: Federation, kept: list[str]) -> list[str]:
+    """The epoch chain a site verified before must still be there, unchanged: a rolled
+    back or forked membership log is refused. Returns the chain to keep."""
+    epochs.check_kept(fed.log, kept)
+    return fed.log.hashes()

@@ -14,8 +14,21 @@ def valid_site(name: str) -> bool:
     return bool(SITE_NAME.match(name)) and ".." not in name
 
 
-def member(site: str) -> str:
-    return f"members/{site}.json"
+def epoch_proposal(e: int, from_round: int, site: str) -> str:
+    return f"epochs/{e:05d}/r{from_round:05d}/{site}.json"
+
+
+def epoch_approval(e: int, from_round: int, site: str) -> str:
+    return f"epochs/{e:05d}/r{from_round:05d}/approvals/{site}.json"
+
+
+def epoch_of(key: str) -> tuple[str, int, int, str] | None:
+    """(kind "epoch" or "approval", epoch number, first round, site) of a membership log key."""
+    parsed = kind_of(key)
+    if parsed is None or parsed[0] not in ("epoch", "approval"):
+        return None
+    parts = key.split("/")
+    return parsed[0], int(parts[1]), int(parts[2][1:]), parsed[2]
 
 
 def join_request(site: str) -> str:
@@ -73,6 +86,25 @@ def merge_reasons(r: int, site: str) -> str:
     return f"{round_dir(r)}/merged/{site}.reasons.p2pf"
 
 
+def handover(r: int, publisher: str, newcomer: str) -> str:
+    """The record listing what `publisher` hands a site admitted from round r + 1."""
+    return f"{round_dir(r)}/{publisher}/handover-{newcomer}.json"
+
+
+def handover_shard(r: int, publisher: str, newcomer: str, sha256: str) -> str:
+    return f"{round_dir(r)}/{publisher}/handover-{newcomer}/{sha256}.shard"
+
+
+def handover_fingerprint(r: int, publisher: str, newcomer: str) -> str:
+    return f"{round_dir(r)}/{publisher}/handover-{newcomer}/fingerprint.p2pf"
+
+
+def handover_for(key: str) -> str | None:
+    """The newcomer a handover object is for (its only reader), or None."""
+    m = re.match(r"^rounds/\d{5}/[^/]+/handover-([^/]+?)(?:\.json|/.*)$", key)
+    return m.group(1) if m else None
+
+
 def final_metrics(site: str) -> str:
     return f"final/{site}.p2pf"
 
@@ -108,7 +140,7 @@ def round_of(key: str) -> int | None:
 
 def folder(key: str) -> str:
     """The prefix a tick lists once to learn which keys near `key` exist: a round's
-    folder, or the first path component (members, fingerprints, plans, final)."""
+    folder, or the first path component (epochs, fingerprints, plans, final)."""
     r = round_of(key)
     return round_dir(r) if r is not None else key.split("/", 1)[0] if "/" in key else ""
 
@@ -137,7 +169,8 @@ def _envelope(kind: str) -> int:
 KINDS: list[tuple[re.Pattern, str, bool, int]] = [
     (re.compile(r"^(?:.+/)?_complaints/([^/]+)\.json$"), "complaint", False, _RECORD),  # first: it sits among others
     (re.compile(r"^federation\.json$"), "federation", False, _RECORD),
-    (re.compile(r"^members/([^/]+)\.json$"), "member", False, _RECORD),
+    (re.compile(r"^epochs/\d{5}/r\d{5}/([^/]+)\.json$"), "epoch", False, _RECORD),
+    (re.compile(r"^epochs/\d{5}/r\d{5}/approvals/([^/]+)\.json$"), "approval", False, _RECORD),
     (re.compile(r"^joins/([^/]+)\.json$"), "join", False, _RECORD),
     (re.compile(r"^fingerprints/([^/]+)/summary\.p2pf$"), "summary", True, _envelope("summary")),
     (re.compile(r"^fingerprints/([^/]+)/histogram\.p2pf$"), "histogram", True, _envelope("histogram")),
@@ -151,6 +184,11 @@ KINDS: list[tuple[re.Pattern, str, bool, int]] = [
     (re.compile(r"^rounds/\d{5}/SEAL\.json$"), "seal", False, _RECORD),
     (re.compile(r"^rounds/\d{5}/merged/([^/]+)\.json$"), "merged", False, _RECORD),
     (re.compile(r"^rounds/\d{5}/merged/([^/]+)\.reasons\.p2pf$"), "reasons", True, _envelope("reasons")),
+    (re.compile(r"^rounds/\d{5}/([^/]+)/handover-[^/]+\.json$"), "handover", False, _RECORD),
+    (re.compile(r"^rounds/\d{5}/([^/]+)/handover-[^/]+/[0-9a-f]{64}\.shard$"), "handover-shard", True,
+     _envelope("shard")),
+    (re.compile(r"^rounds/\d{5}/([^/]+)/handover-[^/]+/fingerprint\.p2pf$"), "handover-fingerprint", True,
+     _envelope("summary")),  # the federated fingerprint: per-case geometry, as a summary holds
     (re.compile(r"^final/([^/]+)\.p2pf$"), "final", True, _envelope("final")),
 ]
 FOREIGN_MAX_BYTES = _RECORD  # a key of no kind (junk, probes) is read only by `verify`, to report it
@@ -158,7 +196,8 @@ FOREIGN_MAX_BYTES = _RECORD  # a key of no kind (junk, probes) is read only by `
 
 def kind_of(key: str) -> tuple[str, bool, str | None] | None:
     """(kind, is_envelope, site the key names or None) of a protocol key or of one of its
-    slots; None if foreign. For member and join records the site is the member, not the signer."""
+    slots; None if foreign. For join records the site is the joining site; for epoch records, the proposer or
+    approver."""
     return _kind(unslot(key)[0])
 
 

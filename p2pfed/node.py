@@ -124,7 +124,7 @@ def join(storage_url: str, opts: LocalOptions, federation: str | None = None,
         storage = open_storage(storage_url, opts.endpoint_url)
         fed = fedmod.load(storage)
         authenticate(fed, federation, confirm)
-        refuse_if_started(fed)
+        refuse_if_finished(fed)
         check_schema(fed, opts.site, info)
         check_trainable(folders["nnunet_raw"], folders["nnunet_preprocessed"], opts.dataset, fed.settings.fold)
         identity = Identity.generate(opts.site)
@@ -152,12 +152,11 @@ def authenticate(fed: Federation, fingerprint: str | None, confirm: Callable[[Fe
                          "compare it with the founder's, then run join again (or pass --federation)")
 
 
-def refuse_if_started(fed: Federation) -> None:
-    """Membership is fixed once the start seal exists: say so at join, not days later."""
-    if fed.storage.exists(layout.FINGERPRINT_SEAL):
-        finished = any(True for _ in fed.storage.list_prefix("final"))
-        raise SetupError(f"the federation at {fed.storage.url} has {'finished' if finished else 'started'}; "
-                         "it admits no new sites", "ask its members to start a new federation with you")
+def refuse_if_finished(fed: Federation) -> None:
+    """A running federation admits new sites (from a later round); a finished one does not."""
+    if fed.storage.exists(layout.FINGERPRINT_SEAL) and any(True for _ in fed.storage.list_prefix("final")):
+        raise SetupError(f"the federation at {fed.storage.url} has finished; it admits no new sites",
+                         "ask its members to start a new federation with you")
 
 
 def open_site(home_dir: str | None, site: str, endpoint: str | None = None,
@@ -175,8 +174,8 @@ def open_site(home_dir: str | None, site: str, endpoint: str | None = None,
     # a started site's ticks need neither re-verified member records nor join requests
     fed = fedmod.load(storage, pinned_genesis=config.genesis_sha256, cache=home.dir / "cache" if cached else None,
                       pending=not (cached and "participants" in state))
-    pins = fedmod.check_pins(fed, state.get("known_members", {}))
-    if pins != state.get("known_members"):
+    pins = fedmod.check_pins(fed, state.get("epochs", []))
+    if pins != state.get("epochs"):
         _save_pins(home, pins)
     return home, config, fed
 
@@ -194,14 +193,37 @@ def _save_pins(home: SiteHome, pins: dict) -> None:
     try:
         with home.lock():
             state = home.state()
-            state["known_members"] = pins
+            state["epochs"] = pins
             home.save_state(state)
     except TickBusy:
         pass
 
 
 def admit(home_dir: str | None, site: str, name: str, fingerprint: str,
-          endpoint: str | None = None) -> PublicIdentity | None:
+          endpoint: str | None = None) -> fedmod.Outcome | None:
     home, _, fed = open_site(home_dir, site, endpoint)
-    started = fed.storage.exists(layout.FINGERPRINT_SEAL)
-    return fedmod.admit(fed, name, home.identity(), fingerprint, started)
+    open_round = _open_round(home, fed)
+    return fedmod.admit(fed, name, home.identity(), fingerprint, open_round)
+
+
+def remove(home_dir: str | None, site: str, name: str, endpoint: str | None = None) -> fedmod.Outcome | None:
+    home, _, fed = open_site(home_dir, site, endpoint)
+    return fedmod.remove(fed, name, home.identity(), _open_round(home, fed))
+
+
+def rotate_keys(home_dir: str | None, site: str, endpoint: str | None = None) -> fedmod.Outcome:
+    """New keys, kept beside the old ones until the epoch that names them is in force."""
+    home, _, fed = open_site(home_dir, site, endpoint)
+    new = home.next_identity()
+    if new is None:
+        new = Identity.generate(site)
+        home.save_keys(new, prefix="next.")
+    return fedmod.rotate(fed, home.identity(), new, _open_round(home, fed))
+
+
+def _open_round(home: SiteHome, fed: Federation) -> int | None:
+    """The first unsealed round as this site sees it, or None before the start."""
+    from .protocol.view import View
+
+    view = View(fed, home, home.state())
+    return view.current_round() if view.start_seal() is not None else None

@@ -65,7 +65,7 @@ def read_record(fed: Federation, key: str, kind: str, author: str | None = None,
                 data: bytes | None = None) -> dict:
     """Verified body of a record; `author` pins who must have signed it."""
     data = fed.storage.get(key) if data is None else data
-    body, signer = crypto.open_record(data, authors=fed.members, name=key,
+    body, signer = crypto.open_record(data, authors=fed.authors(key), name=key,
                                       expect=_expect(fed, key, kind, author))
     if signer != body.get("author"):
         raise IntegrityError(f"{key}: signed by {signer!r} on behalf of {body.get('author')!r}")
@@ -104,7 +104,7 @@ def read_json(fed: Federation, key: str, kind: str, reader: Identity, author: st
 
 def _open(fed, key, kind, reader, author, blob, binding) -> tuple[dict, bytes, Any]:
     blob = fed.storage.get(key) if blob is None else blob
-    header, plain = crypto.open_sealed(blob, reader=reader, authors=fed.members, name=key,
+    header, plain = crypto.open_sealed(blob, reader=reader, authors=fed.authors(key), name=key,
                                        expect={**_expect(fed, key, kind, author), **binding})
     if kind not in schema.PAYLOADS:  # shards: checked by p2pfed.shards as they are parsed
         return header, plain, None

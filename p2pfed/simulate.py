@@ -91,10 +91,13 @@ def setup(workdir: str | Path, n_sites: int = 3, *, storage: str | None = None, 
     founder, *others = sites
     created = json.loads(sim.cli("init", sim.storage, *local(founder), "--sites", str(n_sites), *init_args,
                                  "--json").stdout)
+    members = [founder]
     for site in others:  # the founder "reads" the federation fingerprint to each site
         joined = json.loads(sim.cli("join", sim.storage, *local(site), "--federation",
                                     created["federation_fingerprint"], "--json").stdout)
-        sim.cli("admit", site.name, "--site", founder.name, "--fingerprint", joined["fingerprint"])
+        for member in members:  # a majority of the members must approve; here all do
+            sim.cli("admit", site.name, "--site", member.name, "--fingerprint", joined["fingerprint"])
+        members.append(site)
     return sim
 
 

@@ -101,12 +101,13 @@ class SiteHome:
         self.save_keys(identity)
         self.save_config(config)
 
-    def save_keys(self, identity: Identity) -> None:
+    def save_keys(self, identity: Identity, prefix: str = "") -> None:
+        """`prefix` "next.": keys proposed by `rotate-keys`, not in force yet."""
         try:
             self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
             signing, encryption = identity.private_pems()
-            atomic_write(self.dir / "signing.pem", signing, 0o600)
-            atomic_write(self.dir / "encryption.pem", encryption, 0o600)
+            atomic_write(self.dir / f"{prefix}signing.pem", signing, 0o600)
+            atomic_write(self.dir / f"{prefix}encryption.pem", encryption, 0o600)
         except OSError as exc:
             raise SetupError(f"cannot write the site home {self.dir}: {exc.strerror}",
                              "use --home or P2PFED_HOME to pick a writable folder") from None
@@ -137,9 +138,21 @@ class SiteHome:
             raise SetupError(f"{self.dir / 'site.json'} is corrupt: {exc}",
                              "restore it from a backup or re-join with a new site name") from None
 
-    def identity(self) -> Identity:
-        pems = []
+    def next_identity(self) -> Identity | None:
+        """The keys `rotate-keys` proposed, or None."""
+        return self.identity("next.") if (self.dir / "next.signing.pem").exists() else None
+
+    def promote_next_keys(self) -> Identity:
+        """The rotated keys are in force: they replace the old ones, which are deleted."""
+        new = self.identity("next.")
+        self.save_keys(new)  # a crash in between leaves next.* for the next tick to promote again
         for name in ("signing.pem", "encryption.pem"):
+            (self.dir / f"next.{name}").unlink()
+        return new
+
+    def identity(self, prefix: str = "") -> Identity:
+        pems = []
+        for name in (f"{prefix}signing.pem", f"{prefix}encryption.pem"):
             path = self.dir / name
             try:
                 mode = stat.S_IMODE(path.stat().st_mode)

@@ -98,7 +98,7 @@ def _check(fed: Federation, key: str, data: bytes, reader: Identity | None, list
         raise IntegrityError(f"{key}: not an object of the p2pfed protocol")
     name, envelope, author = kind
     logical = layout.unslot(key)[0]  # an object in a slot names its logical key
-    if name in ("federation", "member", "join"):
+    if name in ("federation", "epoch", "approval", "join"):
         return _check_membership(fed, key, name, author, data)
     if not envelope:
         body = read_record(fed, logical, name, author, data=data)
@@ -106,12 +106,14 @@ def _check(fed: Federation, key: str, data: bytes, reader: Identity | None, list
         if name in ("fingerprint-seal", "seal", "merged"):
             chain[key] = (body, sha256_hex(data))
         return f"{name} record, signed by {body.get('author')}"
-    header = verify_envelope(data, authors=fed.members, name=logical,
+    header = verify_envelope(data, authors=fed.authors(logical), name=logical,
                              expect={"federation": fed.id, "kind": name, "name": logical, "author": author})
     # a shard is named by its plaintext sha256, which its author signed in the header
     if name == "shard" and layout.shard_plain_sha256(key) != header.get("plaintext_sha256"):
         raise IntegrityError(f"{key}: content does not match its name")
-    if reader is not None and reader.site in header.get("recipients", {}):
+    # only what was encrypted to this site's current keys: a rotated key is gone
+    if reader is not None and reader.site in header.get("recipients", {}) \
+            and fed.authors(logical).get(reader.site) == reader.public():
         read_envelope(fed, logical, name, reader, author, blob=data)  # decrypts, checks that hash
         return f"{name} envelope, signed by {author}, decrypted and hash-checked"
     return f"{name} envelope, signed by {author} (not encrypted for this site)"
@@ -135,11 +137,12 @@ def _references(key: str, kind: str, author: str | None, body: dict) -> list[tup
 
 
 def _check_membership(fed: Federation, key: str, kind: str, site: str | None, data: bytes) -> str:
-    # federation.load verified federation.json and every member record, or raised.
-    if kind == "member" and site not in fed.members:
-        raise IntegrityError(f"{key}: not a verified member record")
+    # federation.load verified federation.json and the membership chain; what it left out is named here
+    if key in fed.log.ignored:
+        raise IntegrityError(fed.log.ignored[key])
     if kind == "join":
-        ident = fed.members.get(site) or fed.pending.get(site)
+        # the keys it joined with: those of the epoch that admitted it (they may be rotated since)
+        ident = next((e.members[site] for e in fed.log.chain if site in e.members), None) or fed.pending.get(site)
         if ident is None:
             raise IntegrityError(f"{key}: join request is not validly self-signed")
         open_record(data, authors={site: ident}, name=key,

@@ -154,28 +154,60 @@ class Fed:
 
 def make(root: Path, url: str | None = None, n: int = 3, endpoint: str | None = None, **settings) -> Fed:
     """A federation of n admitted sites with cheap nnU-Net raw datasets (no images)."""
-    from test_membership import DATASET, raw_dataset
+    from test_membership import DATASET
 
     url = url or str(root / "shared")
     storage = open_storage(url, endpoint)
     settings = Settings(**{"configuration": "2d", "rounds": 2, "sites": n, "final_validation": False, **settings})
     ids = [Identity.generate(f"site{i}") for i in range(n)]
     schema = {k: v for k, v in ffe.dataset_info(DATASET).items() if k != "numTraining"}
-    fed_id, genesis = fedmod.create(storage, ids[0], settings, schema)
-    fed = fedmod.load(storage)
+    fedmod.create(storage, ids[0], settings, schema)
+    fed = Fed(root, url, [ident.site for ident in ids], endpoint)
     for ident in ids[1:]:
-        fedmod.request_join(storage, fed, ident)
-    fed = fedmod.load(storage)
-    for ident in ids[1:]:
-        fedmod.admit(fed, ident.site, ids[0], ident.public().fingerprint(), started=False)
-    for i, ident in enumerate(ids, 1):
-        folder = root / ident.site
-        config = SiteConfig(site=ident.site, storage=storage.url, federation=fed_id, genesis_sha256=genesis,
-                            dataset=str(i), nnunet_raw=str(raw_dataset(folder / "raw", i)),
-                            nnunet_preprocessed=str(folder / "pre"), nnunet_results=str(folder / "res"),
-                            endpoint_url=endpoint)
-        SiteHome(root / "home", ident.site).create(ident, config)
-    return Fed(root, url, [ident.site for ident in ids], endpoint)
+        fedmod.request_join(storage, fedmod.load(storage), ident)
+    for i, ident in enumerate(ids[1:], 1):
+        admit(storage, ident, ids[:i])
+    for ident in ids:
+        site_home(fed, ident)
+    return fed
+
+
+def site_home(fed: Fed, ident: Identity) -> None:
+    """The site home and raw dataset of `ident` (dataset id: 1 + the number in its name)."""
+    from test_membership import raw_dataset
+
+    shared = fedmod.load(fed.storage)
+    i, folder = int(ident.site[4:]) + 1, fed.root / ident.site
+    config = SiteConfig(site=ident.site, storage=fed.storage.url, federation=shared.id,
+                        genesis_sha256=shared.genesis_sha256, dataset=str(i),
+                        nnunet_raw=str(raw_dataset(folder / "raw", i)), nnunet_preprocessed=str(folder / "pre"),
+                        nnunet_results=str(folder / "res"), endpoint_url=fed.endpoint)
+    SiteHome(fed.home, ident.site).create(ident, config)
+
+
+def raw_dataset_for(fed: Fed, site: str) -> Path:
+    """The nnU-Net raw folder of `site` (created: dataset id 1 + the number in its name)."""
+    from test_membership import raw_dataset
+
+    return raw_dataset(fed.root / site / "raw", int(site[4:]) + 1)
+
+
+def join(fed: Fed, site: str) -> Identity:
+    """A new site (siteN) asks to join: keys, home and join request, as `p2pfed join` makes them."""
+    ident = Identity.generate(site)
+    fedmod.request_join(fed.storage, fedmod.load(fed.storage), ident)
+    site_home(fed, ident)
+    fed.sites.append(site)
+    return ident
+
+
+def admit(storage, ident: Identity, members: list[Identity]) -> None:
+    """Members approve `ident`'s admission in name order until it is in force (a majority)."""
+    for member in members:
+        outcome = fedmod.admit(fedmod.load(storage), ident.site, member, ident.public().fingerprint())
+        if outcome.in_force:
+            return
+    raise AssertionError(f"{ident.site} not admitted by {[m.site for m in members]}")
 
 
 def keys(fed: Fed) -> list[str]:

@@ -20,7 +20,8 @@ import pytest
 import factory
 import safetensors.numpy
 from factory import NumpyTrainer
-from p2pfed import crypto, layout, node, objects, shards
+from p2pfed import crypto, epochs, layout, node, objects, shards
+from p2pfed import federation as fedmod
 from p2pfed.crypto import Identity, sign_record
 from p2pfed.errors import FederationHalted, IntegrityError
 from p2pfed.merge import asym_fedavg
@@ -407,14 +408,14 @@ def test_clocks_skewed_by_minutes_still_seal(tmp_path, monkeypatch):
     refused(fed, 1, "sealed with 2 contributions before the deadline", site="site1")
 
 
-def test_junk_under_members_and_joins_is_ignored_by_ticks_and_named_by_verify(fed):
-    """Anyone with write access can drop files there; a key that is not a member record's
+def test_junk_under_epochs_and_joins_is_ignored_by_ticks_and_named_by_verify(fed):
+    """Anyone with write access can drop files there; a key that is not an epoch record's
     or join request's name is not membership: ticks go on, verify reports it."""
-    for junk in ("members/notes.txt", "joins/site9/x.json"):
+    for junk in ("epochs/notes.txt", "joins/site9/x.json"):
         fed.path(junk).parent.mkdir(parents=True, exist_ok=True)
         fed.path(junk).write_bytes(b"junk")
     assert fed.run("site0").finished
-    assert bad_keys(fed) == {"members/notes.txt": "members/notes.txt: not an object of the p2pfed protocol",
+    assert bad_keys(fed) == {"epochs/notes.txt": "epochs/notes.txt: not an object of the p2pfed protocol",
                              "joins/site9/x.json": "joins/site9/x.json: not an object of the p2pfed protocol"}
 
 
@@ -435,8 +436,8 @@ def test_symbolic_links_in_a_shared_folder_are_refused(fed, tmp_path_factory):
 
 def test_a_flood_of_join_requests_costs_a_started_site_no_reads(fed, monkeypatch):
     """Anyone with write access can write join requests; once a site has started, its
-    ticks never read them (one listing of members, the genesis and the chain head's seal
-    is all)."""
+    ticks never read them (one listing of the epoch log and of the open round, the genesis and the
+    chain head's seal is all)."""
     for i in range(50):
         fed.path(layout.join_request(f"spam{i}")).write_bytes(b"junk" * 1000)
     read = []
@@ -447,17 +448,20 @@ def test_a_flood_of_join_requests_costs_a_started_site_no_reads(fed, monkeypatch
 
 
 def test_a_site_admitted_under_other_keys_shares_nothing(tmp_path):
-    """A member admits an impostor's keys under site1's name (here: replaces site1's
-    member record before site1's first tick). site1 refuses to take part, naming its
-    record, and writes nothing to the storage."""
+    """The founder, then the only member, admits an impostor's keys under site1's name
+    (here: epoch 1 is replaced, proposal and approval, before site1's first tick). site1
+    refuses to take part, naming the epoch, and writes nothing to the storage."""
     fed = factory.make(tmp_path)
-    key = layout.member("site1")
-    body = json.loads(fed.path(key).read_text())["body"]
-    impostor = Identity.generate("site1")
     founder = node.open_site(fed.home, "site0")[0].identity()
-    fed.path(key).write_bytes(sign_record(body | {"identity": impostor.public().to_json()}, founder))
+    shared = fedmod.load(fed.storage)
+    genesis, change = shared.log.chain[0], {"op": epochs.ADMIT, "site": "site1"}
+    impostor = Identity.generate("site1").public()
+    key, data = epochs.proposal(shared.id, genesis, change, epochs.changed(genesis, change, impostor), founder)
+    fed.path(key).write_bytes(data)
+    akey, adata = epochs.approval(shared.id, 1, 0, crypto.sha256_hex(data), founder)
+    fed.path(akey).write_bytes(adata)
     before = factory.keys(fed)
-    with pytest.raises(IntegrityError, match="members/site1.json holds keys that are not this site's"):
+    with pytest.raises(IntegrityError, match="epoch 1 of the membership log holds keys for 'site1' that are not"):
         fed.run("site1")
     assert factory.keys(fed) == before
 

@@ -99,11 +99,9 @@ def home_disk_full(fed, mp):
     mp.setattr(os, "fsync", raise_enospc)
 
 
-def started_without_site1(fed, mp):
-    """The start seal lists site0 only (settings: sites=1): site1 was admitted too late."""
-    home, _, view = node.open_site(fed.home, "site0")
-    objects.put_record(view, layout.FINGERPRINT_SEAL, "fingerprint-seal",
-                       {"participants": ["site0"], "sealed_at": 0}, home.identity())
+def genesis_epoch(fed) -> dict:
+    """The start seal's pin of epoch 0 (the founder alone)."""
+    return {"epoch": 0, "epoch_sha256": fed.log.chain[0].sha256}
 
 
 def admit_ghost(tmp, mp):
@@ -165,11 +163,18 @@ def started(tmp: Path) -> None:
     cli("init", tmp / "shared", *site_args(tmp, "a", 1), "--sites", 1)
     home, _, view = node.open_site(tmp / "home", "a")
     objects.put_record(view, layout.FINGERPRINT_SEAL, "fingerprint-seal",
-                       {"participants": ["a"], "sealed_at": 0}, home.identity())
+                       {"participants": ["a"], "sealed_at": 0, **genesis_epoch(view)}, home.identity())
 
 
-def join_started(tmp, mp):
+def finished(tmp: Path) -> None:
+    """Site a's federation of one site, started and finished (its final metrics exist)."""
     started(tmp)
+    home, _, view = node.open_site(tmp / "home", "a")
+    objects.put_envelope(view, layout.final_metrics("a"), "final", b"{}", home.identity())
+
+
+def join_finished(tmp, mp):
+    finished(tmp)
     return ["join", *join_args(tmp, tmp / "shared", "b", 2)]
 
 
@@ -199,7 +204,7 @@ CASES = {
     "nnUNet_raw neither given nor set": (no_raw_flag, 3, "nnUNet_raw is not set"),
     "unwritable home": (unwritable_home, 3, "cannot write the site home"),
     "admit by a site that is not a member": (admit_by_non_member, 3, "ask a member (a) to run `p2pfed admit c`"),
-    "join a federation that has started": (join_started, 3, "has started; it admits no new sites"),
+    "join a federation that has finished": (join_finished, 3, "has finished; it admits no new sites"),
     "tick as a site not set up here": (tick(site="site7"), 3, "site 'site7' is not set up in"),
     "private key missing": (tick(site_file("signing.pem", None)), 3, "signing.pem is missing"),
     "corrupt local state": (tick(site_file("state.json", b"{\"round\": ")), 3, "state.json is corrupt"),
@@ -211,9 +216,7 @@ CASES = {
     "truncated nnU-Net checkpoint": (tick(truncated_checkpoint), 3,
                                      "checkpoint_latest.pth is corrupt (truncated or damaged)"),
     # the tick's first write in its home: the member records it verified
-    "disk full in the site home": (tick(home_disk_full), 3, "cache/members/site0.json: No space left on device"),
-    "site that joined too late": (tick(started_without_site1, site="site1", n=2, sites=1), 3,
-                                  "site 'site1' joined after the federation started (participants: site0)"),
+    "disk full in the site home": (tick(home_disk_full), 3, "sites/site0/state.json: No space left on device"),
     # dataset: exit 4
     "dataset id not found": (wrong_dataset_id, 4, "dataset 7 not found in nnUNet_raw"),
     "no dataset.json": (broken_dataset(rm("dataset.json")), 4, "Dataset001_S1 has no dataset.json"),

@@ -16,7 +16,8 @@ from typer.main import get_command
 
 import factory
 from conftest import new_bucket
-from p2pfed import node, site as sitemod
+from p2pfed import federation as fedmod
+from p2pfed import layout, node, objects, site as sitemod
 from p2pfed import status as statusmod
 from p2pfed.cli.app import app
 from p2pfed.errors import SetupError
@@ -42,7 +43,7 @@ def test_endpoint_and_region_from_the_environment_survive_cron(s3_endpoint, tmp_
 
 def test_every_storage_command_takes_endpoint():
     commands = get_command(app).commands
-    for name in ("init", "join", "admit", "round", "run", "status", "verify"):
+    for name in ("init", "join", "admit", "remove", "rotate-keys", "round", "run", "status", "verify"):
         assert "--endpoint" in [o for p in commands[name].params for o in p.opts], name
 
 
@@ -52,11 +53,17 @@ def test_failed_init_leaves_no_site_home(tmp_path):
     assert result.exit_code == 5 and not (HOME(tmp_path) / "sites" / "a").exists()
 
 
-def test_join_of_a_started_federation_writes_nothing(tmp_path):
+def test_join_of_a_started_federation_is_a_join_request_and_of_a_finished_one_writes_nothing(tmp_path):
+    """A running federation admits new sites (from a later round, docs/design.md 7.1); a
+    finished one does not, and the refused join leaves nothing behind."""
     started(tmp_path)
-    result = cli("join", *join_args(tmp_path, tmp_path / "shared", "b", 2), ok=False)
-    assert result.exit_code == 3 and "has started; it admits no new sites" in result.output
-    assert not (tmp_path / "shared" / "joins").exists() and not (HOME(tmp_path) / "sites" / "b").exists()
+    cli("join", *join_args(tmp_path, tmp_path / "shared", "b", 2))
+    assert (tmp_path / "shared" / "joins" / "b.json").exists() and (HOME(tmp_path) / "sites" / "b").exists()
+    home, _, view = node.open_site(HOME(tmp_path), "a")
+    objects.put_envelope(view, layout.final_metrics("a"), "final", b"{}", home.identity())
+    result = cli("join", *join_args(tmp_path, tmp_path / "shared", "c", 3), ok=False)
+    assert result.exit_code == 3 and "has finished; it admits no new sites" in result.output
+    assert not (tmp_path / "shared" / "joins" / "c.json").exists() and not (HOME(tmp_path) / "sites" / "c").exists()
 
 
 def refuse_keys(path, data, mode=0o644):
@@ -194,7 +201,12 @@ def test_pins_are_written_only_under_the_sites_lock(tmp_path):
         node.open_site(fed.home, "site0")  # what `status`/`verify`/`admit` do
         assert not state.exists()
     node.open_site(fed.home, "site0")
-    assert json.loads(state.read_text())["known_members"].keys() == {"site0", "site1"}
+    assert json.loads(state.read_text())["epochs"] == fed_hashes(fed)
+
+
+def fed_hashes(fed) -> list[str]:
+    """The verified epoch chain (epoch 1: site1 admitted), as a site keeps it."""
+    return fedmod.load(fed.storage).log.hashes()
 
 
 def test_atomic_write_uses_a_unique_temp_name_and_syncs_the_folder(tmp_path, monkeypatch):

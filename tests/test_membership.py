@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from p2pfed import federation as fedmod
-from p2pfed import crypto, layout, objects
+from p2pfed import crypto, epochs, layout, objects
 from p2pfed.crypto import Identity, sha256_hex, sign_record
 from p2pfed.errors import IntegrityError
 from p2pfed.node import open_site
@@ -57,12 +57,14 @@ def join_args(tmp: Path, url, site: str, dataset_id: int, **overrides) -> list:
 
 
 def form(tmp: Path, url: str, n: int = 3) -> list[str]:
-    """A federation of n sites, all admitted with checked fingerprints."""
+    """A federation of n sites, all admitted with checked fingerprints (each new site by
+    every member before it: the admission quorum is a majority of them)."""
     sites = [f"site{i}" for i in range(n)]
     cli("init", url, *site_args(tmp, sites[0], 1), "--sites", n, "--configuration", "2d")
     for i, s in enumerate(sites[1:], 2):
         fp = json.loads(cli("join", *join_args(tmp, url, s, i), "--json").stdout)["fingerprint"]
-        cli("admit", s, "--site", sites[0], "--fingerprint", fp, "--home", tmp / "home")
+        for member in sites[:i - 1]:
+            cli("admit", s, "--site", member, "--fingerprint", fp, "--home", tmp / "home")
     return sites
 
 
@@ -72,7 +74,8 @@ def test_every_command_explains_itself():
 
     commands = get_command(app).commands
     top = cli("--help").stdout
-    assert sorted(commands) == sorted(["init", "join", "admit", "round", "run", "status", "verify", "simulate"])
+    assert sorted(commands) == sorted(["init", "join", "admit", "remove", "rotate-keys", "round", "run", "status",
+                                      "verify", "simulate"])
     for name, command in commands.items():
         assert f" {name} " in top, name
         text = cli(name, "--help").stdout
@@ -103,7 +106,7 @@ def test_pending_join_and_wrong_fingerprint(tmp_path):
     assert [p["site"] for p in doc["pending"]] == ["b"]
     bad = cli("admit", "b", "--site", "a", "--fingerprint", "ab" * 32, "--home", tmp_path / "home", ok=False)
     assert bad.exit_code == 6 and "fingerprint mismatch for 'b'" in bad.output
-    assert not (tmp_path / "shared" / "members" / "b.json").exists()
+    assert not (tmp_path / "shared" / "epochs").exists()
 
 
 def test_join_with_incompatible_dataset_is_refused_before_sharing(tmp_path):
@@ -161,8 +164,9 @@ def test_flipping_any_byte_of_any_object_is_detected_and_named(tmp_path):
             path.write_bytes(bytes(damaged))
             try:
                 fresh = fedmod.load(open_storage(url), pinned_genesis=fed.genesis_sha256)
-                bad = [f for f in verify_storage(fresh, me) if not f.ok]
-                assert bad and bad[0].key == key, (key, i)
+                bad = [f.key for f in verify_storage(fresh, me) if not f.ok]
+                # a damaged epoch record also leaves the approvals of its epoch dangling
+                assert key in bad and all(k == key or k.startswith("epochs/") for k in bad), (key, i, bad)
             except IntegrityError as exc:
                 assert key in exc.message or key.startswith("federation"), (key, i, exc.message)
         path.write_bytes(original)
@@ -182,25 +186,31 @@ def test_objects_from_another_federation_or_a_non_member_are_refused(tmp_path):
     fed.storage.put_new(key, blob)
     bad = {f.key: f.detail for f in verify_storage(fed, home.identity()) if not f.ok}
     assert "not a member" in bad[key]
-    # a member record signed by an outsider
+    # an epoch proposal and approval signed by an outsider: ignored and reported, not a halt
     outsider = Identity.generate("mallory")
-    body = {"kind": "member", "federation": fed.id, "name": layout.member("mallory"), "site": "mallory",
-            "identity": outsider.public().to_json(), "author": "mallory"}
-    fed.storage.put_new(layout.member("mallory"), sign_record(body, outsider))
-    with pytest.raises(IntegrityError, match="members/mallory.json is not signed by a member"):
-        fedmod.load(fed.storage)
+    head, change = fed.log.head, {"op": epochs.ADMIT, "site": "mallory"}
+    key, data = epochs.proposal(fed.id, head, change, epochs.changed(head, change, outsider.public()), outsider)
+    fed.storage.put_new(key, data)
+    akey, adata = epochs.approval(fed.id, head.number + 1, 0, sha256_hex(data), outsider)
+    fed.storage.put_new(akey, adata)
+    again = fedmod.load(fed.storage)
+    assert "mallory" not in again.members and again.members == fed.members
+    assert again.log.ignored == {key: f"{key}: not signed by 'mallory' as a member of epoch 1",
+                                 akey: f"{akey}: not signed by 'mallory' as a member of epoch 1"}
+    bad = {f.key: f.detail for f in verify_storage(again, home.identity()) if not f.ok}
+    assert bad[key] == again.log.ignored[key] and bad[akey] == again.log.ignored[akey]
 
 
 def test_rolled_back_or_replaced_membership_is_refused(tmp_path):
     url = str(tmp_path / "shared")
     form(tmp_path, url, 2)
-    open_site(tmp_path / "home", "site0")  # pins the member list
-    member = tmp_path / "shared" / "members" / "site1.json"
-    saved = member.read_bytes()
-    member.unlink()
-    with pytest.raises(IntegrityError, match="member 'site1' disappeared"):
+    open_site(tmp_path / "home", "site0")  # keeps the verified epoch chain
+    approval = tmp_path / "shared" / layout.epoch_approval(1, 0, "site0")
+    saved = approval.read_bytes()
+    approval.unlink()
+    with pytest.raises(IntegrityError, match="epoch 1 disappeared from the shared storage"):
         open_site(tmp_path / "home", "site0")
-    member.write_bytes(saved)
+    approval.write_bytes(saved)
     genesis = tmp_path / "shared" / "federation.json"
     genesis.write_bytes(genesis.read_bytes().replace(b'"rounds":1000', b'"rounds":1001'))
     with pytest.raises(IntegrityError, match="differs from the one this site joined"):

@@ -22,6 +22,7 @@ import pytest
 from p2pfed import simulate
 
 from conftest import new_bucket
+from test_membership import fed_fp
 
 pytestmark = pytest.mark.slow
 CRASH_POINTS = ["train", "upload", "commit", "seal", "merge", "final"]
@@ -177,3 +178,42 @@ def _keys(url: str) -> list[str]:
     from p2pfed.storage import open_storage
 
     return open_storage(url).list_prefix("")
+
+
+def test_a_site_admitted_into_a_running_federation_trains_from_the_current_model(tmp_path):
+    """FFE, real nnU-Net: SiteA and SiteB start a 3-round federation; SiteC joins after the
+    start and both admit it while round 0 is open, so it takes part from round 2. It gets
+    the merge of round 1 handed over (with the federated fingerprint, from which it makes
+    the agreed plan), trains round 2 from it, and ends with the same final model."""
+    from p2pfed.synthetic import make_site, site_name, trainable_cases
+
+    sim = simulate.setup(tmp_path, 2, init_args=["--configuration", "2d", "--rounds", "3",
+                                                 "--iterations-per-epoch", "2", "--val-iterations", "1",
+                                                 "--no-final-validation"])
+    a, b = (s.name for s in sim.sites)
+    for _ in range(4):  # summaries, histograms, plans: both stop before the initial model
+        for site in (a, b):
+            sim.tick(site, "--until", "plan")
+    c = simulate.SimSite(site_name(2), 103, tmp_path / "sites" / site_name(2))
+    make_site(c.folders["raw"], c.dataset_id, 2, n_train=trainable_cases(2), n_test=2, dim=2, seed=0)
+    f = c.folders
+    joined = json.loads(sim.cli("join", sim.storage, "--site", c.name, "--dataset", str(c.dataset_id),
+                                "--nnunet-raw", str(f["raw"]), "--nnunet-preprocessed", str(f["preprocessed"]),
+                                "--nnunet-results", str(f["results"]), "--federation", fed_fp(sim.storage),
+                                "--json").stdout)
+    for member in (a, b):
+        out = sim.cli("admit", c.name, "--site", member, "--fingerprint", joined["fingerprint"]).stdout
+    assert "It applies from round 2." in out
+    sim.sites.append(c)
+    simulate.run_until_done(sim, say=lambda line: None, max_ticks=60)
+
+    def merged(site: str, r: int) -> dict:
+        return json.loads((sim.home / "sites" / site / "work" / "merged" / f"{r:05d}" / "merged.json").read_text())
+
+    assert merged(c.name, 1)["handed_over_by"] == a and merged(c.name, 1)["own"] == merged(a, 1)["own"]
+    assert len({merged(s, 3)["own"] for s in (a, b, c.name)}) == 1
+    seals = {r: json.loads((sim.workdir / "shared" / "rounds" / f"{r:05d}" / "SEAL.json").read_text())["body"]
+             for r in (1, 2, 3)}
+    assert sorted(seals[1]["contributions"]) == [a, b]
+    assert all(sorted(seals[r]["contributions"]) == [a, b, c.name] for r in (2, 3))
+    assert sim.cli("verify", "--site", c.name).returncode == 0

@@ -76,15 +76,13 @@ class Tick:
                 self.say(f"ignored (not an object of this federation): {line}")
 
     def _run(self) -> Report:
-        if self.site not in self.fed.members:
+        if not any(self.site in e.members for e in self.fed.log.chain):
             self.report.phase = "joining"
             self.report.message = f"waiting for a member to admit {self.site!r} (p2pfed admit {self.site} ...)"
             self.report.waiting_for = sorted(self.fed.members)
             return self.report
-        if self.fed.members[self.site] != self.me.public():
-            raise IntegrityError(f"members/{self.site}.json holds keys that are not this site's",
-                                 "a member admitted other keys under this site's name; nothing was shared; "
-                                 "alert the members")
+        if self.site in self.fed.members_at(self.state.get("round", 0)):
+            self.adopt_keys(self.state.get("round", 0))  # before this site shares anything
         merge.recheck_head(self)  # the chain this site adopted, also once finished
         if not self.state.get("finished"):
             check_versions(self.fed)  # before this site shares or merges anything
@@ -118,6 +116,23 @@ class Tick:
                     self.say(action)
             else:  # a phase must finish or wait; looping on means a bug, not a slow tick
                 raise RuntimeError(f"phase {phase.NAME!r} made no progress in {MAX_STEPS} steps")
+
+    def adopt_keys(self, r: int) -> None:
+        """The keys the epoch in force at round r lists for this site must be its own: its
+        current ones, or the ones `rotate-keys` proposed (then they replace the old ones,
+        which are deleted: from round r on nothing is read or signed with them)."""
+        epoch = self.fed.epoch_at(r)
+        want = epoch.members.get(self.site)
+        if want is None or want == self.me.public():
+            return
+        new = self.home.next_identity()
+        if new is None or new.public() != want:
+            raise IntegrityError(f"epoch {epoch.number} of the membership log holds keys for {self.site!r} "
+                                 "that are not this site's",
+                                 "a member admitted other keys under this site's name; nothing was shared; "
+                                 "alert the members")
+        self.me = self.write.me = self.home.promote_next_keys()
+        self.say(f"rotated keys: epoch {epoch.number} is in force from round {r}; the old keys are deleted")
 
     def enter(self, step: str) -> None:
         """Called before each phase and each step of a round: honours `stop_after`."""

@@ -203,9 +203,11 @@ class View:
 
     # -- membership of the run ---------------------------------------------------------------
     def start_seal(self) -> dict | None:
-        """The verified start seal (fingerprints/SEAL.json): who takes part, since when."""
+        """The verified start seal (fingerprints/SEAL.json): who takes part, since when, and
+        the epoch of the membership log it pinned (its members are the participants)."""
         if "participants" in self.state:
-            return {"participants": self.state["participants"], "sealed_at": self.state["started_at"]}
+            return {"participants": self.state["participants"], "sealed_at": self.state["started_at"],
+                    "epoch": self.state.get("start_epoch")}
         return self._read_start_seal()
 
     def _read_start_seal(self) -> dict | None:
@@ -213,12 +215,15 @@ class View:
         if found is None:
             return None
         at, data, body = found
-        parts = body.get("participants")
-        if not isinstance(parts, list) or not all(isinstance(p, str) for p in parts) \
-                or parts != sorted(set(parts)) or not set(parts) <= set(self.fed.members) \
-                or len(parts) < self.s.sites or type(body.get("sealed_at")) is not int:
-            raise IntegrityError(f"{layout.FINGERPRINT_SEAL}: participants {parts} (sealed by {body['author']}) "
-                                 f"are not {self.s.sites}+ members in name order")
+        parts, chain, e = body.get("participants"), self.fed.log.chain, body.get("epoch")
+        if type(e) is not int or not 0 <= e < len(chain) or body.get("epoch_sha256") != chain[e].sha256:
+            raise IntegrityError(f"{layout.FINGERPRINT_SEAL}: pins epoch {e!r} "
+                                 f"({str(body.get('epoch_sha256'))[:12]}), not one of this site's membership chain "
+                                 f"(sealed by {body['author']})",
+                                 "the storage or a member shows another membership history; alert the members")
+        if parts != sorted(chain[e].members) or len(parts) < self.s.sites or type(body.get("sealed_at")) is not int:
+            raise IntegrityError(f"{layout.FINGERPRINT_SEAL}: participants {parts} (sealed by {body['author']}) are "
+                                 f"not the {self.s.sites}+ members of epoch {e} in name order")
         self._seal_sha[None] = crypto.sha256_hex(data)
         self.chain.keep_seal(None, at, self._seal_sha[None])
         return body
@@ -228,9 +233,46 @@ class View:
         seal = self.start_seal()
         return seal["participants"] if seal else []
 
-    def recipients(self) -> dict:
-        parts = self.participants
-        return {s: self.fed.members[s] for s in parts} if parts else self.fed.members
+    def participants_of(self, r: int) -> list[str]:
+        """Who takes part in round r: the members of the epoch in force at round r (an
+        epoch applies from its `from_round`), never fewer than the start pinned."""
+        if not self.participants:
+            return []
+        return sorted(self.fed.members_at(r)) if r >= self.mode.first_round else self.participants
+
+    def quorum_of(self, r: int) -> int:
+        """Contributions that may seal round r after its deadline: `--quorum` (default all
+        sites), never more than the round has participants (after a removal)."""
+        return min(self.s.effective_quorum, len(self.participants_of(r)))
+
+    def joins_at(self, site: str) -> int | None:
+        """The first round of a site admitted after the start (None: a start participant,
+        or no participant of any round)."""
+        if not self.participants or site in self.participants:
+            return None
+        return next((r for r in range(self.mode.first_round, self.s.rounds + 1)
+                     if site in self.participants_of(r)), None)
+
+    def recipients(self, key: str | None = None) -> dict:
+        """Whom an envelope at `key` is encrypted to: for a round's objects, the participants
+        of that round with the keys of the epoch in force then (a removed site or an old
+        key reads nothing written later); for the final metrics, those of the last round;
+        otherwise the start's participants (before the start: every member)."""
+        seal = self.start_seal()
+        if not seal:
+            return self.fed.members
+        r = layout.round_of(key) if key else None
+        newcomer = layout.handover_for(key) if key else None
+        if newcomer is not None:  # a handover: for the newcomer (and its author, who re-reads it)
+            keys = self.fed.members_at(r + 1)
+            author = layout.kind_of(key)[2]
+            return {s: keys[s] for s in (newcomer, author) if s in keys}
+        if r is None and key and layout.kind_of(key) and layout.kind_of(key)[0] == "final":
+            r = self.s.rounds
+        if r is not None and r >= self.mode.first_round:
+            return {s: i for s, i in self.fed.members_at(r).items()}
+        keys = self.fed.members_at(0)
+        return {s: keys[s] for s in seal["participants"] if s in keys}
 
     # -- rounds ------------------------------------------------------------------------------
     def seal(self, r: int) -> dict | None:
@@ -274,7 +316,7 @@ class View:
         return self.seal_sha(r - 1 if r - 1 >= self.mode.first_round else None)
 
     def _check_seal(self, r: int, body: dict) -> None:
-        key, parts, by = layout.seal(r), self.participants, body.get("author")
+        key, parts, by = layout.seal(r), self.participants_of(r), body.get("author")
         contrib = body.get("contributions")
         if body.get("round") != r or not isinstance(contrib, dict) or not contrib \
                 or not all(isinstance(v, str) for v in contrib.values()):
@@ -294,7 +336,7 @@ class View:
                 raise IntegrityError(f"{key}: claims round {r} opened at {body.get('opened_at')}, "
                                      f"not at {opened} when round {r - 1} was sealed (sealed by {by})")
             if len(contrib) < len(parts) and (
-                    body.get("reason") != "deadline" or len(contrib) < self.s.effective_quorum
+                    body.get("reason") != "deadline" or len(contrib) < self.quorum_of(r)
                     or not isinstance(body.get("sealed_at"), int)
                     or body["sealed_at"] + CLOCK_SKEW_S < opened + self.s.deadline_s):
                 raise IntegrityError(f"{key}: sealed with {len(contrib)} contributions before the deadline "
@@ -337,7 +379,7 @@ class View:
 
     def committed(self, r: int) -> list[str]:
         """Participants with a commit key in round r (listed, not yet verified)."""
-        return [s for s in self.participants if self.has(layout.commit(r, s))]
+        return [s for s in self.participants_of(r) if self.has(layout.commit(r, s))]
 
     def commits(self, r: int) -> dict[str, tuple[str, dict]]:
         """site -> (sha256 of the commit bytes, verified body) for round r's commits."""
@@ -357,7 +399,7 @@ class View:
     def merge_records(self, r: int) -> dict[str, dict]:
         """site -> verified merge record (`rounds/<r>/merged/<site>.json`) of the participants."""
         if r not in self._merged:
-            self._merged[r] = {s: body for s in self.participants
+            self._merged[r] = {s: body for s in self.participants_of(r)
                                if self.has(layout.merged(r, s))
                                and (body := self.record(layout.merged(r, s), "merged", s)) is not None}
         return self._merged[r]

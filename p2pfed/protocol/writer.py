@@ -26,7 +26,7 @@ class Writer:
         """Encrypt `payload` for the participants and write it; returns the sha256 of the
         stored envelope (what commits list)."""
         blob, fresh = self._place(key, kind, self.me.site, lambda at: put_envelope(
-            self.fed, key, kind, payload, self.me, recipients=self.view.recipients(), at=at, **binding))
+            self.fed, key, kind, payload, self.me, recipients=self.view.recipients(key), at=at, **binding))
         if not fresh:
             _, plain = read_envelope(self.fed, key, kind, self.me, author=self.me.site, blob=blob)
             if plain != payload:

@@ -25,5 +25,5 @@ def advance(t) -> str | None:
 
 
 def pending(v) -> dict | None:
-    missing = [s for s in v.participants if not v.has(layout.final_metrics(s))]
+    missing = [s for s in v.participants_of(v.s.rounds) if not v.has(layout.final_metrics(s))]
     return {"waiting_for": missing} if missing else None

@@ -47,7 +47,8 @@ def next_unmerged(t, current: int) -> int | None:
     """The oldest sealed round (before `current`) that this site has not merged."""
     r = t.state.get("merged_upto", t.mode.first_round - 1) + 1
     while r < current and r <= t.s.rounds:
-        if _record(t, r) is None or (r > 0 and t.view.record(layout.merged(r, t.site), "merged", t.site) is None):
+        if _record(t, r) is None or (r > 0 and t.site in t.view.participants_of(r)
+                                     and t.view.record(layout.merged(r, t.site), "merged", t.site) is None):
             return r
         t.save(merged_upto=r)
         r += 1
@@ -165,7 +166,7 @@ def confirm(t) -> None:
         return
     for rs, checked in sorted(pending.items()):
         r, ours = int(rs), _record(t, int(rs))
-        for site in t.view.participants:
+        for site in t.view.participants_of(r):
             if site in checked or not t.view.has(layout.merged(r, site)):
                 continue
             other = t.view.record(layout.merged(r, site), "merged", site)
@@ -180,7 +181,7 @@ def confirm(t) -> None:
                                        "no round after it is trusted")
             checked = [*checked, site]
         pending = {**pending, rs: checked}
-        if set(checked) >= set(t.view.participants):
+        if set(checked) >= set(t.view.participants_of(r)):
             del pending[rs]
     if pending != t.state.get("unconfirmed"):
         t.save(unconfirmed=pending)

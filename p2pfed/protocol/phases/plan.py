@@ -4,7 +4,8 @@ every participant's hash must agree, or the federation halts naming the fields."
 from __future__ import annotations
 
 from ... import crypto, ffe, layout
-from ...errors import FederationHalted
+from ...errors import DatasetError, FederationHalted
+from .. import handover
 from ..wait import Wait
 from .fingerprint import federated_fingerprint, payloads
 
@@ -16,11 +17,17 @@ def advance(t) -> str | None:
     if t.state.get("plan_done"):
         return None
     if t.state.get("plan_sha256") is None:
-        plans = t.trainer.plan(federated_fingerprint(t) if t.mode.shares_statistics else None)
+        plans = t.trainer.plan(_fingerprint(t) if t.mode.shares_statistics else None)
         summary = ffe.plan_summary(plans)
-        t.write.envelope(layout.plan(me), "plan", crypto.canonical_json(summary))
+        if v.joins_at(me) is None:
+            t.write.envelope(layout.plan(me), "plan", crypto.canonical_json(summary))
         t.save(plan_sha256=crypto.hash_json(summary))
         return "planned and preprocessed"
+    if v.joins_at(me) is not None:  # admitted later: its plan is checked, not published
+        if t.mode.plans_must_agree:
+            _check_agreement(t)
+        t.save(plan_done=True)
+        return None
     if v.record(layout.plan_hash(me), "plan-hash", me) is None:
         t.write.record(layout.plan_hash(me), "plan-hash", {"plan_sha256": t.state["plan_sha256"]})
         return "published plan hash"
@@ -30,6 +37,12 @@ def advance(t) -> str | None:
     return None
 
 
+def _fingerprint(t) -> dict:
+    """The federated fingerprint: merged here, or handed over to a site admitted later."""
+    joined = t.view.joins_at(t.site)
+    return federated_fingerprint(t) if joined is None else handover.fingerprint(t, joined - 1)
+
+
 def _check_agreement(t) -> None:
     v = t.view
     records = {s: v.record(layout.plan_hash(s), "plan-hash", s) for s in v.participants}
@@ -37,6 +50,11 @@ def _check_agreement(t) -> None:
     if missing:
         raise Wait("plan", "waiting for the other sites' plans", missing)
     hashes = {s: body.get("plan_sha256") for s, body in records.items()}
+    hashes[t.site] = t.state["plan_sha256"]
+    if v.joins_at(t.site) is not None and len(set(hashes.values())) > 1:
+        raise DatasetError(f"site {t.site!r}: the plan made from the federation's fingerprint and this site's "
+                           "dataset differs from the agreed plan", "this dataset does not fit the federation's plan "
+                           "(channels, labels, file ending); fix it, or leave the federation")
     if len(set(hashes.values())) > 1:
         plans = payloads(t, layout.plan, "plan")
         for s in v.participants:

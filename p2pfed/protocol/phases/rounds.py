@@ -17,6 +17,7 @@ from ... import crypto, layout
 from ...errors import ContributionRejected
 from ...faults import crash_point
 from ...site import atomic_write
+from .. import handover
 from ..contribution import parse_commit
 from ..wait import Wait
 from . import merge
@@ -31,13 +32,23 @@ def advance(t) -> str | None:
     if r != t.state.get("round"):
         t.save(round=r)
     t.report.round = min(r, t.s.rounds)
+    joined = v.joins_at(t.site)  # admitted into the running federation: from round `joined` on
+    if joined is not None and t.state.get("merged_upto", t.mode.first_round - 1) < joined - 1:
+        return _welcome(t, r, joined)
     m = merge.next_unmerged(t, r)
-    if m is not None:
+    if m is not None and t.site in v.participants_of(m):
         t.enter("merge")
         return merge.merge_round(t, m)
+    if t.site not in v.participants_of(min(r, t.s.rounds)):  # removed by an epoch in force by round r
+        raise Wait("removed", f"site {t.site!r} was removed from the federation: it takes part in "
+                              f"no round from {_first_without(t)} on", [], rnd=r)
+    handed = handover.publish(t, r - 1)  # FFE: the merge of r-1 for a site admitted from round r
+    if handed:
+        return handed
     merge.confirm(t)
     if r > t.s.rounds:
         return None
+    t.adopt_keys(r)  # a rotated key is used from the round its epoch applies
     if not committed(t, r):
         cached = cached_training(t, r)
         if cached is None:
@@ -66,11 +77,26 @@ def committed(t, r: int) -> bool:
     return True
 
 
+def _welcome(t, r: int, joined: int) -> str:
+    """A site admitted from round `joined`: wait for that round, then start from the merge
+    of the round before (FFE: handed over) or from its own network (asym)."""
+    if r < joined:
+        raise Wait("admitted", f"site {t.site!r} takes part from round {joined}; round {r} is open", [], rnd=r)
+    if t.mode.plans_must_agree:
+        return handover.adopt(t, joined)
+    t.save(merged_upto=joined - 1)
+    return f"takes part from round {joined}, starting from its own network"
+
+
+def _first_without(t) -> int:
+    return next(r for r in range(t.mode.first_round, t.s.rounds + 1) if t.site not in t.view.participants_of(r))
+
+
 # --------------------------------------------------------------------------- train
 def base_model(t, r: int) -> tuple[dict | None, str | None]:
     """(weights, model hash) that round r starts from: the merge of round r-1."""
-    if r - 1 < t.mode.first_round:
-        return None, None
+    if r - 1 < t.mode.first_round or (not t.mode.plans_must_agree and t.site not in t.view.participants_of(r - 1)):
+        return None, None  # asym: a site admitted from round r starts from its own network
     return merge.merged_weights(t, r - 1)
 
 
@@ -143,14 +169,14 @@ def sealable(t, r: int) -> tuple[dict[str, str], list[str]]:
 
 
 def seal(t, r: int) -> str:
-    v, parts = t.view, t.view.participants
+    v, parts = t.view, t.view.participants_of(r)
     opened, now = v.opened_at(r), int(time.time())
     deadline = opened + t.s.deadline_s
     listed, malformed = v.committed(r), []
-    if len(listed) == len(parts) or (len(listed) >= t.s.effective_quorum and now >= deadline):
+    if len(listed) == len(parts) or (len(listed) >= v.quorum_of(r) and now >= deadline):
         commits, malformed = sealable(t, r)
         reason = "all" if len(commits) == len(parts) else "deadline"
-        if reason == "all" or (len(commits) >= t.s.effective_quorum and now >= deadline):
+        if reason == "all" or (len(commits) >= v.quorum_of(r) and now >= deadline):
             body = {"round": r, "contributions": commits, "reason": reason, "opened_at": opened, "sealed_at": now,
                     "previous": v.previous_seal(r)}
             crash_point("seal")
@@ -160,11 +186,11 @@ def seal(t, r: int) -> str:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(deadline))
     waiting = ", ".join(missing + malformed)
     raise Wait("round", f"round {r}/{t.s.rounds}: waiting for {waiting} "
-                        f"(quorum {t.s.effective_quorum} may seal after {when})", missing + malformed, deadline, rnd=r)
+                        f"(quorum {v.quorum_of(r)} may seal after {when})", missing + malformed, deadline, rnd=r)
 
 
 def pending(v) -> dict | None:
     r = v.current_round()
     if r > v.s.rounds:
         return None
-    return {"round": r, "waiting_for": [s for s in v.participants if s not in v.committed(r)]}
+    return {"round": r, "waiting_for": [s for s in v.participants_of(r) if s not in v.committed(r)]}
