@@ -46,8 +46,10 @@ def histogram(site: str) -> str:
 FINGERPRINT_SEAL = "fingerprints/SEAL.json"
 
 
-def declaration(site: str) -> str:
-    return f"declarations/{site}.p2pf"
+def declaration(site: str, r: int | None = None) -> str:
+    """A site's declared case count: at the start, or again in round r when sites join
+    then (in the round's folder: encrypted to and signed by that round's members)."""
+    return f"declarations/{site}.p2pf" if r is None else f"{round_dir(r)}/{site}/declaration.p2pf"
 
 
 def plan(site: str) -> str:
@@ -176,6 +178,7 @@ KINDS: list[tuple[re.Pattern, str, bool, int]] = [
     (re.compile(r"^fingerprints/([^/]+)/histogram\.p2pf$"), "histogram", True, _envelope("histogram")),
     (re.compile(r"^fingerprints/SEAL\.json$"), "fingerprint-seal", False, _RECORD),
     (re.compile(r"^declarations/([^/]+)\.p2pf$"), "declaration", True, _envelope("declaration")),
+    (re.compile(r"^rounds/\d{5}/([^/]+)/declaration\.p2pf$"), "declaration", True, _envelope("declaration")),
     (re.compile(r"^plans/([^/]+)\.p2pf$"), "plan", True, _envelope("plan")),
     (re.compile(r"^plans/([^/]+)\.json$"), "plan-hash", False, _RECORD),
     (re.compile(r"^rounds/\d{5}/([^/]+)/[0-9a-f]{64}\.shard$"), "shard", True, _envelope("shard")),

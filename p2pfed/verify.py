@@ -61,13 +61,14 @@ def _check_chain(fed: Federation, won: dict, findings: dict[str, Finding]) -> No
     start = won.get(layout.FINGERPRINT_SEAL)
     if start is None:
         return
-    parts, first = start[1].get("participants") or [], mode_of(fed.settings).first_round
+    first = mode_of(fed.settings).first_round
     previous, result = start[2], None
     for r in range(first, fed.settings.rounds + 1):
         seal = won.get(layout.seal(r))
         if seal is None:
             return
         key, body, sha = seal
+        parts = sorted(fed.members_at(r))  # the participants of round r: its epoch's members
         if body.get("author") not in parts:
             findings[key] = Finding(key, False, f"{key}: sealed by {body.get('author')!r}, who is not a participant")
         elif body.get("previous") != previous:

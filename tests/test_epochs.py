@@ -116,7 +116,8 @@ def test_a_member_record_outside_the_epoch_chain_is_ignored_whoever_signed_it(tm
     assert fed.run("site1").phase == "joining"  # waits for a third member, no halt
     bad = {f.key: f.detail for f in verify_storage(fedmod.load(fed.storage), me(fed, "site0")) if not f.ok}
     assert bad == {"members/mallory.json": "members/mallory.json: not an object of the p2pfed protocol",
-                   "epochs/00002/r00000/site1.json": "epochs/00002/r00000/site1.json: not a p2pfed signed record"}
+                   "epochs/00002/r00000/site1.json":
+                   "epochs/00002/r00000/site1.json: not JSON (Expecting value: line 1 column 1 (char 0))"}
 
 
 def test_a_new_start_seal_after_the_old_one_is_deleted_holds_no_forged_member(tmp_path):

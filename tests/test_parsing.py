@@ -169,7 +169,7 @@ def test_every_kind_has_a_cap_and_foreign_keys_the_record_cap():
     from p2pfed import schema
 
     caps = {kind: cap for _, kind, _, cap in layout.KINDS}
-    assert caps["commit"] == caps["member"] == schema.RECORD_MAX_BYTES == 1 << 20
+    assert caps["commit"] == caps["epoch"] == caps["approval"] == schema.RECORD_MAX_BYTES == 1 << 20
     # a shard: its tensor data and safetensors header, plus the largest envelope header
     assert caps["shard"] == crypto.envelope_max_bytes(8 + schema.SHARD_HEADER_BYTES + schema.SHARD_TENSOR_BYTES)
     assert 34 << 20 < caps["shard"] < 35 << 20
@@ -234,7 +234,8 @@ def test_a_start_seal_against_its_schema_is_junk_named_with_its_member(tmp_path)
     fed = factory.make(tmp_path, n=2, mode="asym", rounds=1)
     ident, view = me(fed, "site1")
     objects.put_record(view, layout.FINGERPRINT_SEAL, "fingerprint-seal",
-                       {"participants": "site0 site1", "sealed_at": 0}, ident)
+                       {"participants": "site0 site1", "sealed_at": 0, "epoch": 0,
+                        "epoch_sha256": view.log.chain[0].sha256}, ident)
     why = "body.participants: expected a list, got a string (signed by member 'site1')"
     report = fed.run("site0")
     assert any(line.startswith(layout.FINGERPRINT_SEAL) and why in line for line in report.junk), report.junk

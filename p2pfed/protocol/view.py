@@ -167,12 +167,17 @@ class View:
                 got = crypto.verify_envelope(data, authors=self.fed.members, name=key, expect=want)
             else:
                 got = read_record(self.fed, key, kind, author, data=data)
-            if kind == "seal" and got.get("author") not in self.participants:  # decided by bytes alone
+            if kind == "seal" and got.get("author") not in self._sealers(key):  # decided by bytes alone
                 raise IntegrityError(f"{key}: sealed by {got.get('author')!r}, who is not a participant")
             return data, got
         except IntegrityError as exc:
             self.junk[at] = exc.message
             return None
+
+    def _sealers(self, key: str) -> list[str]:
+        """Who may seal at `key`: the participants of that round (of the start, for the start seal)."""
+        r = layout.round_of(key)
+        return self.participants if r is None else self.participants_of(r)
 
     def resolve(self, key: str, kind: str, author: str | None = None) -> tuple[str, bytes, dict] | None:
         """(slot, bytes, body or header) of the first slot of `key` whose object verifies."""

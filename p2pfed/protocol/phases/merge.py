@@ -14,6 +14,7 @@ from ... import crypto, layout
 from ...errors import ContributionRejected, FederationHalted, SetupError
 from ...faults import crash_point
 from ...site import atomic_write
+from ..wait import Wait
 from ..contribution import Contribution, InputCheck, merge_weights, read_contribution, read_shard_plain
 
 
@@ -133,9 +134,26 @@ def _compute(t, r: int) -> None:
     # the chain: the seal this merge read and the result it built on (round 1: none published)
     record = {"round": r, "result": crypto.hash_json(per_site), "per_site": per_site, "own": own,
               "excluded": excluded, "seal": t.view.seal_sha(r),
-              "previous": previous["result"] if previous and r - 1 >= 1 else None}
+              "previous": _previous_result(t, r, previous)}
     atomic_write(out / "merged.json", json.dumps(record).encode())  # last: marks the merge complete
     t.view.chain.keep_merge(r, record["result"])
+
+
+def _previous_result(t, r: int, previous: dict | None) -> str | None:
+    """The merge result round r builds on (round 1: none). A site admitted at round r did
+    not merge round r-1: it takes the result every participant of r-1 published."""
+    if r - 1 < 1:
+        return None
+    if previous is not None:
+        return previous["result"]
+    results = {body.get("result") for body in t.view.merge_records(r - 1).values()}
+    if not results:
+        raise Wait("round", f"round {r - 1}: waiting for the participants' merge records", t.view.participants_of(r - 1),
+                   rnd=r)
+    if len(results) > 1:
+        raise FederationHalted(f"round {r - 1}: the participants' merge results differ; site {t.site!r} cannot "
+                               f"join the chain at round {r}", "a person must look: `p2pfed verify`")
+    return results.pop()
 
 
 def _keep(out: Path, target: str | None):
