@@ -53,6 +53,9 @@ def build(fed: Federation, reader: Identity | None, local: dict | None = None, v
         "members": [{"site": s, "fingerprint": i.fingerprint(), "admitted_by": fed.admitted_by.get(s)}
                     for s, i in sorted(fed.members.items())],
         "pending": [{"site": s, "fingerprint": i.fingerprint()} for s, i in sorted(fed.pending.items())],
+        "epoch": _epoch(fed.log.chain[-1]),
+        "proposals": [{**_epoch(p.epoch), "approvers": list(p.approvers), "needed": p.needed}
+                      for p in fed.log.open],
         "participants": view.participants,
         "rounds": [],
         "final": {},
@@ -274,6 +277,7 @@ def render(doc: dict, console) -> None:
     where = phase["name"] + (f" {phase['round']}" if "round" in phase else "")
     console.print(f"[bold]Phase:[/] {where}" + (f"; waiting for {', '.join(phase['waiting_for'])}"
                                                  if phase["waiting_for"] else ""))
+    console.print(_epochs_line(doc), markup=False, soft_wrap=True)
     _render_progress(doc, console)
     head = doc.get("chain_head")
     if head:
@@ -302,6 +306,23 @@ def _members_table(doc: dict, Table):
     for p in doc["pending"]:
         members.add_row(p["site"], grouped(p["fingerprint"]), "[yellow]pending[/]", "-", *_declared_cell(declared, ""))
     return members
+
+
+def _epoch(e) -> dict:
+    """An epoch of the membership log, for the status document."""
+    return {"number": e.number, "sha256": e.sha256, "change": e.change, "from_round": e.from_round,
+            "members": sorted(e.members)}
+
+
+def _epochs_line(doc: dict) -> str:
+    """The membership epoch in force and what is waiting for approvals, in one line."""
+    e = doc["epoch"]
+    line = f"membership epoch {e['number']} ({e['sha256'][:12]}), {plural(len(e['members']), 'member')}"
+    for p in doc["proposals"]:
+        c = p["change"] or {}
+        line += (f"; proposed: {c.get('op')} {c.get('site')!r} from round {p['from_round']}, "
+                 f"{len(p['approvers'])} of {p['needed']} approvals ({', '.join(p['approvers'])})")
+    return line
 
 
 def _declared_cell(declared: dict | None, site: str) -> tuple[str, ...]:

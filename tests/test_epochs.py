@@ -72,6 +72,22 @@ def test_one_member_alone_cannot_admit_when_the_quorum_needs_two(tmp_path):
     assert "already a member" in admit(fed, "site3", "site2", fp).stdout
 
 
+def test_status_shows_the_epoch_in_force_and_what_waits_for_approvals(tmp_path):
+    """A member reading `p2pfed status` sees the membership epoch and an open admission
+    with the approvals it has and needs; once in force, the proposal is gone."""
+    fed = factory.make(tmp_path, n=3, sites=4)
+    fp = factory.join(fed, "site3").public().fingerprint()
+    admit(fed, "site3", "site0", fp)
+    shown = " ".join(cli("status", "--site", "site1", "--home", fed.home).stdout.split())
+    epoch = fedmod.load(fed.storage).log.chain[-1]
+    assert f"membership epoch 2 ({epoch.sha256[:12]}), 3 members" in shown
+    assert "proposed: admit 'site3' from round 0, 1 of 2 approvals (site0)" in shown
+    admit(fed, "site3", "site1", fp)
+    doc = json.loads(cli("status", "--site", "site1", "--home", fed.home, "--json").stdout)
+    assert doc["epoch"]["number"] == 3 and doc["epoch"]["members"] == ["site0", "site1", "site2", "site3"]
+    assert doc["proposals"] == []
+
+
 def test_the_admission_quorum_is_a_setting_and_never_below_a_majority(tmp_path):
     assert [epochs.quorum(None, n) for n in (1, 2, 3, 4, 5)] == [1, 2, 2, 3, 3]
     assert [epochs.quorum(1, n) for n in (1, 3, 5)] == [1, 2, 3]  # raised to a majority
