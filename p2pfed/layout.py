@@ -117,7 +117,7 @@ def final_metrics(site: str) -> str:
 # can write junk at a predictable key; it then costs one slot, never the federation.
 MAX_SLOTS = 8
 SLOTTED = {"fingerprint-seal", "summary", "histogram", "declaration", "plan", "plan-hash", "meta", "commit",
-           "seal", "merged", "reasons", "final", "complaint"}
+           "seal", "merged", "reasons", "final", "complaint", "handover", "handover-fingerprint"}
 _SLOT = re.compile(r"^(.+)\.([1-9])$")
 
 

@@ -413,6 +413,24 @@ def test_a_site_admitted_while_the_start_was_sealed_takes_part_from_the_first_ro
         assert sorted(json.loads(fed.path(layout.seal(r)).read_text())["body"]["contributions"]) == fed.sites
 
 
+def test_junk_at_the_handover_keys_costs_a_slot_not_the_admission(tmp_path):
+    """Anyone with write access drops junk where the publisher will hand the newcomer the
+    model (record and fingerprint): the handover goes to the next slots and the newcomer
+    ends on the same model as the others."""
+    fed = factory.make(tmp_path, n=3, rounds=3)
+    fed.prepare()
+    fp = factory.join(fed, "site3").public().fingerprint()
+    admit(fed, "site3", "site0", fp)
+    admit(fed, "site3", "site1", fp)
+    for key in (layout.handover(1, "site0", "site3"), layout.handover_fingerprint(1, "site0", "site3")):
+        fed.storage.put_new(key, b"junk")
+    fed.sites.append("site3")
+    reports = sweep(fed, fed.sites)
+    assert all(r.finished for r in reports.values()), {s: r.message for s, r in reports.items()}
+    assert fed.storage.exists(layout.handover(1, "site0", "site3") + ".1")
+    assert len({fed.merged_record(s, 3)["own"] for s in fed.sites}) == 1
+
+
 def test_a_handover_of_another_model_is_refused(tmp_path):
     """The publisher (site0) signs a handover record naming another model than the merge
     of round 1 every participant recorded: the newcomer refuses it and trains nothing."""

@@ -11,7 +11,7 @@ import json
 
 from .. import crypto, layout
 from ..errors import IntegrityError
-from ..objects import read_envelope, read_record
+from ..objects import read_envelope
 from ..site import atomic_write
 from .wait import Wait
 
@@ -32,7 +32,8 @@ def publish(t, r: int) -> str | None:
     v = t.view
     if not t.mode.plans_must_agree or r < t.mode.first_round or r >= t.s.rounds:
         return None
-    todo = [n for n in newcomers(v, r) if publisher(v, r) == t.site and not v.has(layout.handover(r, t.site, n))]
+    todo = [n for n in newcomers(v, r)
+            if publisher(v, r) == t.site and v.record(layout.handover(r, t.site, n), "handover", t.site) is None]
     if not todo:
         return None
     from . import phases
@@ -57,10 +58,10 @@ def record(t, r: int) -> tuple[str, dict]:
     v = t.view
     pub = publisher(v, r)
     key = layout.handover(r, pub, t.site)
-    if not v.has(key):
+    body = v.record(key, "handover", pub)  # in whichever slot it went to: junk does not count
+    if body is None:
         raise Wait("round", f"admitted from round {r + 1}: waiting for {pub} to hand over the merged model "
                             f"of round {r}", [pub], rnd=r + 1)
-    body = read_record(t.fed, key, "handover", pub, data=v.get(key))
     if body.get("round") != r or body.get("site") != t.site or not isinstance(body.get("shards"), list) \
             or not all(isinstance(s, str) for s in body["shards"]):
         raise IntegrityError(f"{key}: malformed handover record")
@@ -71,8 +72,11 @@ def fingerprint(t, r: int) -> dict:
     """FFE: the federated fingerprint the publisher handed over (its hash is signed)."""
     pub, body = record(t, r)
     key = layout.handover_fingerprint(r, pub, t.site)
-    _, plain = read_envelope(t.fed, key, "handover-fingerprint", t.me, author=pub,
-                             blob=t.view.get(key, layout.handover(r, pub, t.site)), round=r)
+    found = t.view.resolve(key, "handover-fingerprint", pub)
+    if found is None:
+        raise IntegrityError(f"{key}: listed by {layout.handover(r, pub, t.site)} but missing from the storage"
+                             f"{t.view.junk_at(key)}")
+    _, plain = read_envelope(t.fed, key, "handover-fingerprint", t.me, author=pub, blob=found[1], round=r)
     if crypto.sha256_hex(plain) != body.get("fingerprint"):
         raise IntegrityError(f"{key}: not the fingerprint the handover record lists")
     return json.loads(plain)

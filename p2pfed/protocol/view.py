@@ -164,7 +164,7 @@ class View:
         try:
             if layout.kind_of(key)[1]:  # an envelope: signature and binding (decrypting is the caller's)
                 want = self.fed.expect(kind, name=key, **({"author": author} if author else {}))
-                got = crypto.verify_envelope(data, authors=self.fed.members, name=key, expect=want)
+                got = crypto.verify_envelope(data, authors=self.fed.authors(key), name=key, expect=want)
             else:
                 got = read_record(self.fed, key, kind, author, data=data)
             if kind == "seal" and got.get("author") not in self._sealers(key):  # decided by bytes alone
