@@ -29,13 +29,17 @@ def advance(t) -> str | None:
     if "declared" in t.state:
         return _again(t)
     v, key = t.view, layout.declaration(t.site)
-    if _declared(v, t.site) is None:
-        cases = t.trainer.cases()
-        if type(cases) is not int or not 1 <= cases <= MAX_CASES:
-            raise DatasetError(f"this site has {cases!r} training cases; a declaration needs 1..{MAX_CASES}")
-        t.write.envelope(key, KIND, crypto.canonical_json({"cases": cases}))
-        return f"declared {cases} training cases"
-    missing = [s for s in v.participants if _declared(v, s) is None]
+    if not t.state.get("declared_own"):  # verified once, then kept: an idle tick reads no declaration
+        if _declared(v, t.site) is None:
+            cases = t.trainer.cases()
+            if type(cases) is not int or not 1 <= cases <= MAX_CASES:
+                raise DatasetError(f"this site has {cases!r} training cases; a declaration needs 1..{MAX_CASES}")
+            t.write.envelope(key, KIND, crypto.canonical_json({"cases": cases}))
+            return f"declared {cases} training cases"
+        t.save(declared_own=True)
+    # the listing says who is missing; the objects are read (and junk found) once all are listed
+    missing = [s for s in v.participants if not v.has(layout.declaration(s))] or \
+        [s for s in v.participants if _declared(v, s) is None]
     if missing:
         raise Wait(NAME, f"waiting for the case-count declarations of {', '.join(missing)}", missing)
     declared, refused = read_all(v, t.me)
