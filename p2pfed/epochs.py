@@ -107,15 +107,19 @@ def load(list_keys: Callable[[], list[str]], read: Callable[[str], bytes], fed_i
          setting: int | None) -> Log:
     """Verify the chain from the genesis: per epoch, the one proposal a quorum approved."""
     log = Log([genesis])
-    proposals: dict[int, dict[str, str]] = {}  # epoch -> key -> site
+    proposals: dict[int, dict[str, str]] = {}  # epoch -> logical key -> site
     approvals: dict[int, dict[str, str]] = {}
-    for key in list_keys():
+    slots: dict[str, list[str]] = {}  # logical key -> its stored slots, in order (layout.slot)
+    for key in sorted(list_keys(), key=layout.unslot):
         parsed = layout.epoch_of(key)
         if parsed is None:
             log.ignored[key] = f"{key}: not an epoch record's name"
             continue
         kind, e, _, site = parsed
-        (proposals if kind == "epoch" else approvals).setdefault(e, {})[key] = site
+        logical = layout.unslot(key)[0]
+        slots.setdefault(logical, []).append(key)
+        (proposals if kind == "epoch" else approvals).setdefault(e, {})[logical] = site
+    read = _first_valid(read, slots, log)
     while True:
         e = log.head.number + 1
         found = _proposals(log, proposals.pop(e, {}), read, fed_id)
@@ -136,31 +140,56 @@ def load(list_keys: Callable[[], list[str]], read: Callable[[str], bytes], fed_i
     return log
 
 
+def _first_valid(read: Callable[[str], bytes], slots: dict[str, list[str]], log: Log):
+    """`read(logical key, check)`: the bytes of the first slot of the key whose record
+    passes `check` (junk someone wrote at the predictable key costs a slot, section 3 of
+    docs/design.md); the others are ignored and reported. Remembers the slot it took."""
+    taken: dict[str, str] = {}
+
+    def first(key: str, check=None) -> bytes:
+        if key in taken:
+            return read(taken[key])
+        last = None
+        for at in slots.get(key, [key]):
+            data = read(at)
+            try:
+                if check is not None:
+                    check(data)
+                taken[key] = at
+                return data
+            except IntegrityError as exc:
+                log.ignored[at], last = exc.message, exc
+        raise last if last is not None else IntegrityError(f"{key}: no slot holds it")
+
+    first.slot = lambda key: taken.get(key, key)
+    return first
+
+
 def _decide(log: Log, e: int, found: dict, votes: dict, winner: str, read) -> None:
     """Epoch e is the `winner` proposal; its records are kept, the losers' ignored."""
     key, epoch = found[winner]
     log.chain.append(Epoch(**{**epoch.__dict__, "approvers": tuple(votes[winner])}))
-    log.records[key] = read(key)
+    log.records[read.slot(key)] = read(key)
     for sha, voters in votes.items():
         for s in voters:
             akey = layout.epoch_approval(e, found[sha][1].from_round, s)
             if sha == winner:
-                log.records[akey] = read(akey)
+                log.records[read.slot(akey)] = read(akey)
             else:
-                log.ignored[akey] = f"{akey}: approves a proposal that lost epoch {e} to {key}"
+                log.ignored[read.slot(akey)] = f"{akey}: approves a proposal that lost epoch {e} to {key}"
         if sha != winner:
-            log.ignored[found[sha][0]] = f"{found[sha][0]}: lost epoch {e} to {key}"
+            log.ignored[read.slot(found[sha][0])] = f"{found[sha][0]}: lost epoch {e} to {key}"
 
 
 def _proposals(log: Log, keys: dict[str, str], read, fed_id: str) -> dict[str, tuple[str, Epoch]]:
     """sha256 -> (key, epoch it would be) for the valid proposals of the next epoch."""
     found = {}
     for key, site in sorted(keys.items()):
-        data = read(key)
         try:
+            data = read(key, lambda d: _check_proposal(log.head, d, key, site, fed_id))
             found[sha256_hex(data)] = (key, _check_proposal(log.head, data, key, site, fed_id))
-        except IntegrityError as exc:
-            log.ignored[key] = exc.message
+        except IntegrityError:
+            pass  # every slot of it is junk, reported by `read`
     return found
 
 
@@ -168,14 +197,15 @@ def _approvals(log: Log, keys: dict[str, str], read, fed_id: str, found: dict) -
     votes: dict[str, list[str]] = {sha: [] for sha in found}
     head = log.head
     for key, site in sorted(keys.items()):
-        try:
-            body, _ = _open(head, read(key), key, site, fed_id, "approval")
+        try:  # the first slot this member signed counts (a later one cannot change its vote)
+            data = read(key, lambda d: _open(head, d, key, site, fed_id, "approval"))
+            body, _ = _open(head, data, key, site, fed_id, "approval")
             if body.get("proposal") not in votes or \
                     layout.epoch_of(key)[2] != found[body["proposal"]][1].from_round:
                 raise IntegrityError(f"{key}: approves no valid proposal for epoch {head.number + 1}")
             votes[body["proposal"]].append(site)
         except IntegrityError as exc:
-            log.ignored[key] = exc.message
+            log.ignored.setdefault(read.slot(key), exc.message)
     return votes
 
 

@@ -296,17 +296,17 @@ def approve(fed: Federation, change: dict, by: Identity, members: dict[str, Publ
         sha, approvers = same[0].sha256, same[0].approvers
     else:
         busy = [p for p in live if by.site in p.approvers] or live
-        if busy or fed.storage.exists(layout.epoch_approval(e, from_round, by.site)):
-            p = busy[0] if busy else None
-            what = f"{p.epoch.change['op']} {p.epoch.change['site']!r} by {p.epoch.proposer}" if p else "another change"
+        if busy:
+            p = busy[0]
+            what = f"{p.epoch.change['op']} {p.epoch.change['site']!r} by {p.epoch.proposer}"
             raise SetupError(f"epoch {e} is already proposed: {what}",
                              "approve that proposal or let it be decided first, then run this command again")
         key, data = epochs.proposal(fed.id, head, change, members, by, from_round)
-        _put(fed.storage, key, data, f"site {by.site!r} already proposed another change for epoch {e}")
+        _put(fed.storage, key, data, f"site {by.site!r} already proposed another change for epoch {e}", by)
         sha, approvers = sha256_hex(data), ()
     if by.site not in approvers:
         akey, adata = epochs.approval(fed.id, e, from_round, sha, by)
-        _put(fed.storage, akey, adata, f"site {by.site!r} already approved another proposal for epoch {e}")
+        _put(fed.storage, akey, adata, f"site {by.site!r} already approved another proposal for epoch {e}", by)
         approvers = tuple(sorted((*approvers, by.site)))
     need = epochs.quorum(fed.settings.admission_quorum, len(head.members))
     who = members.get(change["site"])
@@ -315,12 +315,24 @@ def approve(fed: Federation, change: dict, by: Identity, members: dict[str, Publ
                    who.fingerprint() if who else None, from_round, late[0] if late else None)
 
 
-def _put(storage: Storage, key: str, data: bytes, taken: str) -> None:
-    try:
-        storage.put_new(key, data)  # identical bytes (a retry) succeed
-    except FileExistsError:
-        raise SetupError(taken, "a member approves at most one proposal per epoch; "
-                                "wait until that epoch is decided (p2pfed status)") from None
+def _put(storage: Storage, key: str, data: bytes, taken: str, by: Identity) -> None:
+    """Create-only, at the first slot of `key` that is free (docs/design.md section 3):
+    junk at a predictable key costs a slot; a record this member signed there already
+    (another vote) is refused, identical bytes (a retry) succeed."""
+    for i in range(layout.MAX_SLOTS):
+        at = layout.slot(key, i)
+        try:
+            storage.put_new(at, data)
+            return
+        except FileExistsError:
+            try:
+                open_record(storage.get(at), authors={by.site: by.public()}, name=key)
+            except IntegrityError:
+                continue  # not this member's record: junk, or a forgery; the next slot
+            raise SetupError(taken, "a member approves at most one proposal per epoch; "
+                                    "wait until that epoch is decided (p2pfed status)") from None
+    raise IntegrityError(f"{key}: all {layout.MAX_SLOTS} slots hold objects that do not count",
+                         "someone with write access is filling the storage with junk; remove it and alert the members")
 
 
 def _require_member(fed: Federation, by: Identity, command: str) -> None:

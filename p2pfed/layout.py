@@ -23,11 +23,12 @@ def epoch_approval(e: int, from_round: int, site: str) -> str:
 
 
 def epoch_of(key: str) -> tuple[str, int, int, str] | None:
-    """(kind "epoch" or "approval", epoch number, first round, site) of a membership log key."""
+    """(kind "epoch" or "approval", epoch number, first round, site) of a membership log
+    key or of one of its slots."""
     parsed = kind_of(key)
     if parsed is None or parsed[0] not in ("epoch", "approval"):
         return None
-    parts = key.split("/")
+    parts = unslot(key)[0].split("/")
     return parsed[0], int(parts[1]), int(parts[2][1:]), parsed[2]
 
 
@@ -117,7 +118,8 @@ def final_metrics(site: str) -> str:
 # can write junk at a predictable key; it then costs one slot, never the federation.
 MAX_SLOTS = 8
 SLOTTED = {"fingerprint-seal", "summary", "histogram", "declaration", "plan", "plan-hash", "meta", "commit",
-           "seal", "merged", "reasons", "final", "complaint", "handover", "handover-fingerprint"}
+           "seal", "merged", "reasons", "final", "complaint", "handover", "handover-fingerprint", "epoch",
+           "approval"}
 _SLOT = re.compile(r"^(.+)\.([1-9])$")
 
 

@@ -424,11 +424,28 @@ def test_junk_at_the_handover_keys_costs_a_slot_not_the_admission(tmp_path):
     admit(fed, "site3", "site1", fp)
     for key in (layout.handover(1, "site0", "site3"), layout.handover_fingerprint(1, "site0", "site3")):
         fed.storage.put_new(key, b"junk")
-    fed.sites.append("site3")
     reports = sweep(fed, fed.sites)
     assert all(r.finished for r in reports.values()), {s: r.message for s, r in reports.items()}
     assert fed.storage.exists(layout.handover(1, "site0", "site3") + ".1")
     assert len({fed.merged_record(s, 3)["own"] for s in fed.sites}) == 1
+
+
+def test_junk_at_the_membership_keys_costs_a_slot_not_the_admission(tmp_path):
+    """Attack 7 on the membership log: before the founder admits the second site, anyone
+    with write access drops junk at the keys of its proposal and its approval (a founder
+    alone could then never admit anyone, so the federation would never start). The
+    records go to the next slots, the federation runs, and verify names the junk."""
+    fed = factory.make(tmp_path, n=1, sites=2)
+    fp = factory.join(fed, "site1").public().fingerprint()
+    junk = [layout.epoch_proposal(1, 0, "site0"), layout.epoch_approval(1, 0, "site0")]
+    for key in junk:
+        fed.storage.put_new(key, b"junk")
+    assert "it is in force (1 of 1 approvals: site0)" in admit(fed, "site1", "site0", fp).stdout
+    assert members(fed) == ["site0", "site1"]
+    assert all(fed.storage.exists(key + ".1") for key in junk)
+    fed.run_all()
+    bad = {f.key for f in verify_storage(fedmod.load(fed.storage), me(fed, "site0")) if not f.ok}
+    assert bad == set(junk)
 
 
 def test_a_handover_of_another_model_is_refused(tmp_path):
