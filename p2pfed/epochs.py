@@ -66,11 +66,12 @@ class Log:
         return [e.sha256 for e in self.chain[1:]]
 
     def admitted_by(self) -> dict[str, str]:
-        """site -> the member who proposed the epoch that gave it its current keys."""
+        """site -> the members who approved the epoch that gave it its current keys
+        ("SiteA, SiteB": every admission needs a quorum, so one name would mislead)."""
         out = {}
         for e in self.chain[1:]:
             if e.change["op"] in (ADMIT, ROTATE):
-                out[e.change["site"]] = e.proposer
+                out[e.change["site"]] = ", ".join(sorted(e.approvers)) or str(e.proposer)
         return out
 
 

@@ -86,6 +86,7 @@ def test_status_shows_the_epoch_in_force_and_what_waits_for_approvals(tmp_path):
     doc = json.loads(cli("status", "--site", "site1", "--home", fed.home, "--json").stdout)
     assert doc["epoch"]["number"] == 3 and doc["epoch"]["members"] == ["site0", "site1", "site2", "site3"]
     assert doc["proposals"] == []
+    assert {m["site"]: m["admitted_by"] for m in doc["members"]}["site3"] == "site0, site1"  # the approvers
 
 
 def test_the_admission_quorum_is_a_setting_and_never_below_a_majority(tmp_path):
