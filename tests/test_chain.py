@@ -13,7 +13,6 @@ from p2pfed import crypto, layout, node, status
 from p2pfed.cli.app import app
 from p2pfed.crypto import Identity, sign_record
 from p2pfed.errors import FederationHalted, IntegrityError
-from p2pfed.verify import verify_storage
 from test_attacks import absurd_cases, bad_keys, fed, finished, race_to_seal_round_1, refused  # noqa: F401 (fixtures)
 from typer.testing import CliRunner
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 from .. import crypto, layout, schema
 from ..errors import ContributionRejected, IntegrityError
@@ -87,12 +88,10 @@ def read_contribution(view: View, me, r: int, site: str, commit_sha: str, expect
     return Contribution(site, declared, commit, meta["metrics"])
 
 
-def weight_shares(settings, declared: dict[str, int]) -> dict[str, "Fraction"]:
+def weight_shares(settings, declared: dict[str, int]) -> dict[str, Fraction]:
     """The exact merge weights of `declared` contributors: their declared case counts
     (uniform with `--weighting uniform`), each share capped at `max_weight_share` over
     these contributors (p2pfed.merge.capped_weights)."""
-    from fractions import Fraction
-
     from ..merge import capped_weights
 
     if settings.weighting != "cases":

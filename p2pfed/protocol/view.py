@@ -7,10 +7,8 @@ rounds) is not fetched again: an idle tick costs one listing of the open round a
 one read of the latest seal it adopted (the chain head, re-checked every tick).
 Only the `Writer` (p2pfed/protocol/writer.py) adds to a view, with what it wrote.
 
-A fixed-name object lives at the first of its slots (p2pfed/layout.py) that holds an
-object verifying as it: `resolve` skips junk (unsigned, foreign, replayed, moved) and
-notes it in `junk`, for the tick's report and `verify`; junk never halts a tick.
-Seals and merges form a hash chain that the site keeps in its home (`Chain`)."""
+Reading the storage, memoised, and resolving slots (junk never halts a tick) is the
+`Listing` this view builds on (p2pfed/protocol/listing.py). Seals and merges form a hash chain that the site keeps in its home (`Chain`)."""
 from __future__ import annotations
 
 import json
@@ -18,9 +16,9 @@ import json
 from .. import crypto, layout
 from ..errors import IntegrityError, SetupError
 from ..federation import Federation
-from ..objects import read_record
 from ..site import SiteHome, atomic_write
-from .modes import Mode, mode_of
+from .listing import Listing
+from .modes import mode_of
 
 CLOCK_SKEW_S = 600  # a seal's deadline is the sealer's clock; others allow this much skew
 
@@ -76,76 +74,22 @@ def head_hash(r: int | None, seal_sha: str | None, result: str | None) -> str:
     return crypto.grouped(crypto.hash_json({"round": r, "seal": seal_sha, "result": result})[:16])
 
 
-class View:
+class View(Listing):
+    """The storage (a `Listing`), plus who takes part in which round and the round seals,
+    commits and merge records, checked by the protocol's rules."""
+
     def __init__(self, fed: Federation, home: SiteHome | None = None, state: dict | None = None):
-        self.fed, self.st, self.s = fed, fed.storage, fed.settings
-        self.mode: Mode = mode_of(fed.settings)
+        super().__init__(fed)
+        self.s, self.mode = fed.settings, mode_of(fed.settings)
         self.home = home  # None: a public view (status --storage), nothing kept locally
         self.state = state if state is not None else {}
         self.chain = Chain(home)
-        self.junk: dict[str, str] = {}  # slot key -> why its object does not count (reported)
-        self._lists: dict[str, set[str]] = {}
-        self._blobs: dict[str, bytes] = {}
         self._seals: dict[int, dict | None] = {}
         self._seal_sha: dict[int | None, str] = {}
         self._commits: dict[int, dict[str, tuple[str, dict]]] = {}
         self._merged: dict[int, dict[str, dict]] = {}
 
-    # -- raw access, memoised --------------------------------------------------------------
-    def keys(self, prefix: str) -> set[str]:
-        if prefix not in self._lists:
-            if "" in self._lists:  # the whole tree is listed already (status, verify)
-                self._lists[prefix] = {k for k in self._lists[""] if k.startswith(prefix + "/")}
-            else:
-                self._lists[prefix] = set(self.st.list_prefix(prefix))
-        return self._lists[prefix]
-
-    def listed_keys(self) -> set[str]:
-        """Every key the listings of this tick have shown so far."""
-        return set().union(*self._lists.values())
-
-    def listed(self, key: str) -> bool:
-        """Whether exactly this stored key (a slot) is listed."""
-        return key in self.keys(layout.folder(key))
-
-    def slots(self, key: str) -> list[str]:
-        """The listed slots of logical key `key`, in slot order."""
-        listed = self.keys(layout.folder(key))
-        return [s for i in range(layout.MAX_SLOTS) if (s := layout.slot(key, i)) in listed]
-
-    def has(self, key: str) -> bool:
-        """A hint from the listing: some slot of `key` is listed and not known to be junk.
-        What counts is what `resolve` verifies."""
-        return any(s not in self.junk for s in self.slots(key))
-
-    def get(self, key: str, lister: str | None = None) -> bytes:
-        """The bytes of `key`. `lister`: the object that vouches for it; if it is gone,
-        someone deleted it (an integrity error, not a storage one)."""
-        if key not in self._blobs:
-            try:
-                self._blobs[key] = self.st.get(key)
-            except FileNotFoundError:
-                if lister is None:
-                    raise
-                raise IntegrityError(f"{key}: listed by {lister} but missing from the storage",
-                                     "someone deleted it; restore it from a backup of the storage and "
-                                     "alert the members") from None
-        return self._blobs[key]
-
-    def learn(self, key: str, data: bytes) -> None:
-        """What this tick wrote (or found written) at `key`."""
-        self._blobs[key] = data
-        for prefix in (layout.folder(key), ""):
-            if prefix in self._lists:
-                self._lists[prefix].add(key)
-        self._forget_round(key)
-
-    def refresh(self, key: str) -> None:
-        """Forget the listing around `key` (after a long step: others wrote meanwhile)."""
-        self._lists.pop(layout.folder(key), None)
-        self._forget_round(key)
-
-    def _forget_round(self, key: str) -> None:
+    def forget(self, key: str) -> None:
         r = layout.round_of(key)
         if r is not None:
             self._commits.pop(r, None)
@@ -153,58 +97,13 @@ class View:
             if not self._seals.get(r):
                 self._seals.pop(r, None)
 
-    # -- slots -------------------------------------------------------------------------------
-    def verified(self, key: str, at: str, kind: str, author: str | None = None) -> tuple[bytes, dict] | None:
-        """(bytes, body or envelope header) of the object at slot `at` of `key` if it verifies
-        as `kind` (by `author`; a seal: by a participant); else None, and the junk is noted."""
-        try:
-            data = self.get(at)
-        except FileNotFoundError:
-            return None
-        try:
-            if layout.kind_of(key)[1]:  # an envelope: signature and binding (decrypting is the caller's)
-                want = self.fed.expect(kind, name=key, **({"author": author} if author else {}))
-                got = crypto.verify_envelope(data, authors=self.fed.authors(key), name=key, expect=want)
-            else:
-                got = read_record(self.fed, key, kind, author, data=data)
-            if kind == "seal" and got.get("author") not in self._sealers(key):  # decided by bytes alone
-                raise IntegrityError(f"{key}: sealed by {got.get('author')!r}, who is not a participant")
-            return data, got
-        except IntegrityError as exc:
-            self.junk[at] = exc.message
-            return None
-
-    def _sealers(self, key: str) -> list[str]:
-        """Who may seal at `key`: the participants of that round (of the start, for the start seal)."""
-        r = layout.round_of(key)
-        return self.participants if r is None else self.participants_of(r)
-
-    def resolve(self, key: str, kind: str, author: str | None = None) -> tuple[str, bytes, dict] | None:
-        """(slot, bytes, body or header) of the first slot of `key` whose object verifies."""
-        for at in self.slots(key):
-            found = self.verified(key, at, kind, author)
-            if found is not None:
-                return at, *found
-        return None
-
-    def record(self, key: str, kind: str, author: str | None = None) -> dict | None:
-        """The verified body of the record `key`, or None (absent, or only junk there)."""
-        found = self.resolve(key, kind, author)
-        return found[2] if found else None
-
-    def find(self, key: str, sha: str, lister: str) -> bytes | None:
-        """The bytes in a slot of `key` whose sha256 is `sha` (what `lister` lists); None if
-        no slot holds them. Nothing listed at all: `lister` vouches for a deleted object."""
-        slots = self.slots(key)
-        if not slots:
-            self.get(key, lister)  # raises: listed but missing (or returns what a listing missed)
-            slots = [key]
-        return next((self.get(s) for s in slots if crypto.sha256_hex(self.get(s)) == sha), None)
-
-    def junk_at(self, key: str) -> str:
-        """' (junk: ...)' for the slots of `key` whose objects do not count, for messages."""
-        why = [self.junk[s] for s in self.slots(key) if s in self.junk]
-        return f" (junk: {'; '.join(why)})" if why else ""
+    def check(self, key: str, kind: str, got: dict) -> None:
+        """Only a participant of the round may seal it: a seal candidate is decided by its
+        bytes alone, so that every site picks the same."""
+        if kind != "seal":  # (the start seal's author is checked against the epoch it pins)
+            return
+        if got.get("author") not in self.participants_of(layout.round_of(key)):
+            raise IntegrityError(f"{key}: sealed by {got.get('author')!r}, who is not a participant")
 
     # -- membership of the run ---------------------------------------------------------------
     def start_seal(self) -> dict | None:
