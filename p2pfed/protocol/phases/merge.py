@@ -14,8 +14,8 @@ from ... import crypto, layout
 from ...errors import ContributionRejected, FederationHalted, SetupError
 from ...faults import crash_point
 from ...site import atomic_write
-from ..wait import Wait
 from ..contribution import Contribution, InputCheck, merge_weights, read_contribution, read_shard_plain
+from ..wait import Wait
 
 
 def folder(t, r: int) -> Path:
