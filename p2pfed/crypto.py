@@ -314,3 +314,120 @@ def open_sealed(blob: bytes, *, reader: Identity, authors: Mapping[str, PublicId
     if sha256_hex(plaintext) != want:
         raise IntegrityError(f"{name}: plaintext hash does not match the signed header")
     return header, plaintext
+
+
+# --------------------------------------------------------------------------- secure aggregation
+# The primitives of p2pfed/secagg.py (docs/design.md 7.8): X25519 agreements expanded by
+# HKDF into ChaCha20 mask keys, Shamir shares (pycryptodome) of the mask secrets, and HPKE
+# to hand each share to its one holder. Every label binds federation, epoch, round and sites.
+MASK_INFO = b"p2pfed-secagg-mask-v1\x00"
+SHARE_INFO = b"p2pfed-secagg-share-v1\x00"
+COMMIT_INFO = b"p2pfed-secagg-commit-v1\x00"
+SEED_BYTES = 16  # the self-mask seed: one Shamir secret (GF(2^128))
+
+
+def mask_keypair() -> tuple[bytes, bytes]:
+    """(private, public) raw 32-byte X25519 keys: a site's mask key for one round."""
+    private = X25519PrivateKey.generate()
+    return private.private_bytes_raw(), private.public_key().public_bytes(**_RAW)
+
+
+def mask_public(private: bytes) -> bytes:
+    """The public key of a raw X25519 private key: how a reconstructed key is checked."""
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes(**_RAW)
+
+
+def _hkdf(secret: bytes, info: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+
+
+def pair_mask_key(private: bytes, their_public: bytes, context: bytes) -> bytes:
+    """The ChaCha20 key two sites share for their pairwise mask: X25519, then HKDF bound to
+    `context` (federation, epoch, round and both site names, in name order)."""
+    shared = X25519PrivateKey.from_private_bytes(private).exchange(X25519PublicKey.from_public_bytes(their_public))
+    return _hkdf(shared, MASK_INFO + b"pair\x00" + context)
+
+
+def self_mask_key(seed: bytes, context: bytes) -> bytes:
+    """The ChaCha20 key of a site's self mask, from its seed (HKDF bound to `context`)."""
+    return _hkdf(seed, MASK_INFO + b"self\x00" + context)
+
+
+def keystream_u64(key: bytes, label: bytes, start: int, count: int):
+    """`count` uint64 words of the ChaCha20 stream of (key, label), from word `start` on:
+    seekable (a 64-byte block is 8 words), so any slice of a tensor is masked on its own.
+    The 12-byte nonce is the label's sha256 prefix; the block counter starts at start // 8."""
+    import numpy as np
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    if count == 0:
+        return np.zeros(0, dtype=np.uint64)
+    block, skip = divmod(start, 8)
+    words = skip + count
+    if block + -(-words // 8) > 1 << 32:
+        raise ValueError("a mask stream holds at most 2^35 words per tensor")
+    nonce = block.to_bytes(4, "little") + hashlib.sha256(label).digest()[:12]
+    enc = Cipher(algorithms.ChaCha20(key, nonce), mode=None).encryptor()
+    return np.frombuffer(enc.update(bytes(8 * words)), dtype="<u8")[skip:]
+
+
+def random_seed() -> bytes:
+    import os
+
+    return os.urandom(SEED_BYTES)
+
+
+def split_secret(secret: bytes, threshold: int, holders: int) -> list[bytes]:
+    """Shamir shares of a 16- or 32-byte secret (pycryptodome, GF(2^128); a 32-byte secret
+    is two 16-byte halves shared alike): share i (0-based) belongs to holder index i + 1."""
+    from Crypto.Protocol.SecretSharing import Shamir
+
+    halves = [secret[i:i + 16] for i in range(0, len(secret), 16)]
+    if len(secret) not in (16, 32):
+        raise ValueError("a secret is 16 or 32 bytes")
+    split = [Shamir.split(threshold, holders, half, ssss=False) for half in halves]
+    return [b"".join(s[i][1] for s in split) for i in range(holders)]
+
+
+def combine_secret(shares: Mapping[int, bytes]) -> bytes:
+    """The secret from shares {holder index (1-based): share}, at least the threshold."""
+    from Crypto.Protocol.SecretSharing import Shamir
+
+    size = {len(s) for s in shares.values()}.pop()
+    return b"".join(Shamir.combine([(i, s[h:h + 16]) for i, s in sorted(shares.items())], ssss=False)
+                    for h in range(0, size, 16))
+
+
+def commitment(context: bytes, *parts: bytes) -> str:
+    """sha256 (hex) of a secret or share with its context: what a dealer signs so that a
+    reconstructed seed, or a share someone reveals, is checked (length-prefixed parts)."""
+    h = hashlib.sha256(COMMIT_INFO + context)
+    for part in parts:
+        h.update(len(part).to_bytes(4, "big") + part)
+    return h.hexdigest()
+
+
+def encrypt_share(share: bytes, recipient: PublicIdentity, context: bytes) -> str:
+    """A share for its one holder: HPKE to the holder's key, bound to `context` and the holder."""
+    return _b64(_HPKE.encrypt(share, X25519PublicKey.from_public_bytes(recipient.encrypt_key),
+                              info=SHARE_INFO + context + b"\x00" + recipient.site.encode()))
+
+
+def decrypt_share(sealed: str, reader: Identity, context: bytes) -> bytes | None:
+    """The share sealed for `reader`, or None if it does not open (its dealer's fault)."""
+    try:
+        return _HPKE.decrypt(base64.b64decode(sealed, validate=True), reader.encryption_key,
+                             info=SHARE_INFO + context + b"\x00" + reader.site.encode())
+    except (InvalidTag, ValueError, TypeError):
+        return None
+
+
+def b64(data: bytes) -> str:
+    return _b64(data)
+
+
+def unb64(text: str, name: str) -> bytes:
+    return _unb64(text, name)

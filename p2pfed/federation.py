@@ -62,6 +62,12 @@ class Settings:
     max_update_norm: float | None = None
     max_weight_share: float | None = None  # cap on one contributor's share of a merge's weight
     admission_quorum: int | None = None  # approvals a membership change needs; None: a majority
+    # secure aggregation (docs/design.md 7.8): members see only the sum; `p2pfed init` turns it
+    # on by default for three sites or more
+    secure_aggregation: bool = False
+    dp_clip: float | None = None  # distributed DP: the L2 bound of each site's update
+    dp_noise_multiplier: float | None = None  # the aggregate's noise std over dp_clip
+    dp_delta: float = 1e-5
 
     def __post_init__(self):
         checks = [
@@ -81,6 +87,15 @@ class Settings:
             # asym sites train from different merged models: no common base to measure against
             (self.max_update_norm is None or self.mode == "ffe", "--max-update-norm needs --mode ffe"),
             (self.max_weight_share is None or 0 < self.max_weight_share <= 1, "--max-weight-share must be in (0, 1]"),
+            ((self.dp_clip is None) == (self.dp_noise_multiplier is None),
+             "--dp-clip and --dp-noise-multiplier go together"),
+            (self.dp_clip is None or (self.dp_clip > 0 and self.dp_noise_multiplier > 0),
+             "--dp-clip and --dp-noise-multiplier must be > 0"),
+            (self.dp_clip is None or self.secure_aggregation, "differential privacy needs --secure-aggregation"),
+            # each site's sensitivity is its share of the sum: equal shares keep it dp_clip / n
+            (self.dp_clip is None or self.weighting == "uniform", "differential privacy needs --weighting uniform"),
+            (self.dp_clip is None or self.mode == "ffe", "differential privacy needs --mode ffe (a common base)"),
+            (0 < self.dp_delta < 1, "--dp-delta must be in (0, 1)"),
         ]
         for ok, message in checks:
             if not ok:
@@ -89,6 +104,10 @@ class Settings:
     @property
     def effective_quorum(self) -> int:
         return self.quorum or self.sites
+
+    @property
+    def dp(self) -> bool:
+        return self.dp_clip is not None
 
     @property
     def total_epochs(self) -> int:

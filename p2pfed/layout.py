@@ -81,6 +81,26 @@ def seal(r: int) -> str:
     return f"{round_dir(r)}/SEAL.json"
 
 
+def secagg_keys(r: int, site: str) -> str:
+    """A site's key material for secure aggregation in round r (docs/design.md 7.8)."""
+    return f"{round_dir(r)}/{site}/keys.p2pf"
+
+
+def key_seal(r: int) -> str:
+    """Which sites' key material round r masks with: sealed before anyone masks."""
+    return f"{round_dir(r)}/KEYS.json"
+
+
+def masked(r: int, site: str, sha256: str) -> str:
+    """A shard of masked fixed-point words, named by the sha256 of its plaintext."""
+    return f"{round_dir(r)}/{site}/{sha256}.masked"
+
+
+def reveal(r: int, site: str) -> str:
+    """What `site` reveals once round r is sealed: the shares that remove the masks."""
+    return f"{round_dir(r)}/{site}/reveal.p2pf"
+
+
 def merged(r: int, site: str) -> str:
     return f"{round_dir(r)}/merged/{site}.json"
 
@@ -119,7 +139,7 @@ def final_metrics(site: str) -> str:
 MAX_SLOTS = 8
 SLOTTED = {"fingerprint-seal", "summary", "histogram", "declaration", "plan", "plan-hash", "meta", "commit",
            "seal", "merged", "reasons", "final", "complaint", "handover", "handover-fingerprint", "epoch",
-           "approval"}
+           "approval", "keys", "keyseal", "reveal"}
 _SLOT = re.compile(r"^(.+)\.([1-9])$")
 
 
@@ -185,6 +205,10 @@ KINDS: list[tuple[re.Pattern, str, bool, int]] = [
     (re.compile(r"^plans/([^/]+)\.json$"), "plan-hash", False, _RECORD),
     (re.compile(r"^rounds/\d{5}/([^/]+)/[0-9a-f]{64}\.shard$"), "shard", True, _envelope("shard")),
     (re.compile(r"^rounds/\d{5}/([^/]+)/meta\.p2pf$"), "meta", True, _envelope("meta")),
+    (re.compile(r"^rounds/\d{5}/([^/]+)/[0-9a-f]{64}\.masked$"), "masked", True, _envelope("masked")),
+    (re.compile(r"^rounds/\d{5}/([^/]+)/keys\.p2pf$"), "keys", True, _envelope("keys")),
+    (re.compile(r"^rounds/\d{5}/KEYS\.json$"), "keyseal", False, _RECORD),
+    (re.compile(r"^rounds/\d{5}/([^/]+)/reveal\.p2pf$"), "reveal", True, _envelope("reveal")),
     (re.compile(r"^rounds/\d{5}/([^/]+)/COMMIT\.json$"), "commit", False, _RECORD),
     (re.compile(r"^rounds/\d{5}/SEAL\.json$"), "seal", False, _RECORD),
     (re.compile(r"^rounds/\d{5}/merged/([^/]+)\.json$"), "merged", False, _RECORD),
@@ -233,8 +257,8 @@ def site_of(key: str, kind: str) -> str | None:
 
 
 def shard_plain_sha256(key: str) -> str:
-    """A shard is named by the sha256 of its plaintext (which its author signs)."""
-    return key.rsplit("/", 1)[1][:-len(".shard")]
+    """A shard (masked or not) is named by the sha256 of its plaintext (which its author signs)."""
+    return key.rsplit("/", 1)[1].split(".", 1)[0]
 
 
 def sites_in(keys, kind: str) -> dict[str, str]:

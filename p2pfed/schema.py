@@ -319,7 +319,9 @@ RECORDS: dict[str, Obj] = {
     "commit": _RECORD.extend({"round": Count, "base": Opt(Hex64), "shards": List(Ref, 1, 10_000), "meta": Ref}),
     "seal": _RECORD.extend({"round": Count, "contributions": Map(Site, Hex64, 10_000),
                             "reason": Str("all|deadline|initial", 16), "opened_at": Time, "sealed_at": Time,
-                            "previous": Hex64}),
+                            "previous": Hex64}, {"keys": Hex64}),  # keys: the key seal (secure aggregation)
+    "keyseal": _RECORD.extend({"round": Count, "keys": Map(Site, Hex64, 10_000), "reason": Str("all|deadline", 16),
+                               "opened_at": Time, "sealed_at": Time}),
     "complaint": _RECORD.extend({"object": Str(r"[A-Za-z0-9_./-]+", 512), "accused": Site}),
     "merged": _RECORD.extend({"round": Count, "result": Hex64, "per_site": Map(Site, Hex64, 10_000),
                               "seal": Hex64, "previous": Opt(Hex64), "excluded": List(Site, 0, 10_000),
@@ -352,7 +354,13 @@ _CHANNEL = Obj({"index": Str(B64, 4 * -(-4 * MAX_BINS // 3)), "weight": Str(B64,
 # JSON payloads of envelopes, by kind (shards are safetensors: SHARD_* below).
 PAYLOADS: dict[str, Schema] = {
     "meta": Obj({"round": Count, "base": Opt(Hex64), "cases": Int(1, MAX_CASES), "metrics": _METRICS},
-                {"epoch": Int(0, 2 ** 31)}),
+                {"epoch": Int(0, 2 ** 31), "clipped": Int(0, 2 ** 40)}),
+    # secure aggregation (docs/design.md 7.8): a site's key material of one round, and its reveal
+    "keys": Obj({"round": Count, "mask_public": Str(B64, 44), "seed_commitment": Hex64,
+                 "layout": List(List(AnyJSON(), 2, 2), 1, 100_000),
+                 "shares": Map(Site, Obj({"sealed": Str(B64, 256), "mask": Hex64, "seed": Hex64}), 10_000)}),
+    "reveal": Obj({"round": Count, "seal": Hex64,
+                   "shares": Map(Site, Obj({"kind": Str("mask|seed", 8), "share": Str(B64, 64)}), 10_000)}),
     "final": Obj({"model": Hex64, "validation_dice": Opt(Map(Str(max_len=256), _Metric, MAX_LABELS + 1))}),
     "plan": Map(Str(max_len=256), AnyJSON(), 1000),
     "reasons": Map(Site, Str(max_len=MAX_REASON), 10_000),
@@ -384,6 +392,9 @@ PAYLOAD_MAX_BYTES: dict[str, int] = {
     "summary": MAX_SITE_CASES * _CASE_BYTES + MAX_CHANNELS * _FOREGROUND_BYTES + _INFO_BYTES,
     "histogram": MAX_CHANNELS * (_CHANNEL.required["index"].max_len + _CHANNEL.required["weight"].max_len + 64) + 4096,
     "shard": 8 + SHARD_HEADER_BYTES + SHARD_TENSOR_BYTES,
+    "masked": 8 + SHARD_HEADER_BYTES + SHARD_TENSOR_BYTES,
+    "keys": 8 << 20,  # a layout of up to 100k tensors and a sealed share for each of 10k sites
+    "reveal": 2 << 20,
 }
 
 # A shard's safetensors header and the p2pfed metadata inside it (docs/design.md section 5).

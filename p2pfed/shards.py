@@ -50,8 +50,14 @@ def shard_hash(blob: bytes) -> str:
 def to_shards(state_dict: Mapping[str, Any], *, site: str = "this site",
               max_bytes: int = DEFAULT_MAX_BYTES) -> list[bytes]:
     """Serialize a state dict (float32 numpy arrays or torch tensors) into shards."""
+    return layer_shards(sorted(canonical_layers(state_dict, site).items()), max_bytes)
+
+
+def layer_shards(layers: Sequence[tuple[str, Layer]], max_bytes: int = DEFAULT_MAX_BYTES) -> list[bytes]:
+    """Serialize (structural key, Layer) items, in key order, into shards of any dtype
+    (secure aggregation: the masked uint64 words of each tensor)."""
     chunker, chunks = _Chunker(max_bytes), []
-    for skey, layer in sorted(canonical_layers(state_dict, site).items()):
+    for skey, layer in layers:
         chunks.append(chunker.add(skey, layer))
     chunks.append(chunker.flush())
     return [_serialize(chunk) for chunk in chunks if chunk]
@@ -83,14 +89,15 @@ def _serialize(items: Sequence[tuple[str, Layer]]) -> bytes:
 
 
 # --------------------------------------------------------------------------- reading
-def read_shard(blob: bytes, origin: str) -> list[tuple[str, Layer]]:
+def read_shard(blob: bytes, origin: str, dtype: str = "F32") -> list[tuple[str, Layer]]:
     """Parse one shard into (structural key, Layer) items in key order. The arrays
     are read-only views into `blob` (no copy: the streaming merge holds one shard
-    per site, and copying would double that).
+    per site, and copying would double that). `dtype`: F32 for weights, U64 for the
+    masked fixed-point words of secure aggregation (p2pfed/secagg.py).
 
     `origin` names the shard in errors (site and index). A shard that is not a valid
     p2pfed shard raises ContributionRejected."""
-    meta, tensors = _parse_safetensors(blob, origin)
+    meta, tensors = _parse_safetensors(blob, origin, dtype)
     meta = schema.strict_json(meta[METADATA_KEY].encode(), f"{origin}: shard metadata",
                               max_bytes=schema.SHARD_HEADER_BYTES, canonical=b"", error=ContributionRejected)
     schema.check(schema.SHARD_NAMES, meta, f"{origin}: shard metadata", ContributionRejected)
@@ -103,10 +110,13 @@ def read_shard(blob: bytes, origin: str) -> list[tuple[str, Layer]]:
     return [(skey, Layer(tuple(names[skey]), tensors[skey])) for skey in sorted(tensors)]
 
 
-def _parse_safetensors(blob: bytes, origin: str) -> tuple[dict, dict[str, np.ndarray]]:
-    """(metadata, float32 views) of a safetensors file, checked as its spec demands:
-    JSON header, known entries, and data offsets that tile the byte buffer exactly
-    (no holes, no overlaps). Only F32 tensors are accepted."""
+_DTYPES = {"F32": "<f4", "U64": "<u8"}
+
+
+def _parse_safetensors(blob: bytes, origin: str, want: str = "F32") -> tuple[dict, dict[str, np.ndarray]]:
+    """(metadata, views) of a safetensors file, checked as its spec demands: JSON
+    header, known entries, and data offsets that tile the byte buffer exactly (no
+    holes, no overlaps). Only tensors of dtype `want` are accepted."""
     def bad(why: str) -> ContributionRejected:
         return ContributionRejected(f"{origin}: not a p2pfed shard ({why})")
 
@@ -126,11 +136,11 @@ def _parse_safetensors(blob: bytes, origin: str) -> tuple[dict, dict[str, np.nda
     entries = []
     for name, entry in header.items():
         dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype != "F32":
-            raise ContributionRejected(f"{origin}: tensor {name!r} has dtype {dtype}, expected F32")
+        if dtype != want:
+            raise ContributionRejected(f"{origin}: tensor {name!r} has dtype {dtype}, expected {want}")
         # Python ints: a declared shape like [2**32, 2**32] must not wrap around in int64
         count = math.prod(shape)
-        if end != begin + 4 * count:
+        if end != begin + np.dtype(_DTYPES[want]).itemsize * count:
             raise bad(f"tensor {name!r} has inconsistent shape and offsets")
         entries.append((begin, end, name, tuple(shape), count))
     entries.sort()
@@ -141,7 +151,7 @@ def _parse_safetensors(blob: bytes, origin: str) -> tuple[dict, dict[str, np.nda
         position = end
     if data_start + position != len(blob):
         raise bad("tensor data does not fill the file")
-    return meta, {name: np.frombuffer(blob, "<f4", count, data_start + begin).reshape(shape)
+    return meta, {name: np.frombuffer(blob, _DTYPES[want], count, data_start + begin).reshape(shape)
                   for begin, _, name, shape, count in entries}
 
 

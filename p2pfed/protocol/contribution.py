@@ -41,15 +41,16 @@ class Commit:
     meta: Ref
 
 
-def parse_commit(site: str, r: int, body: dict) -> Commit:
-    """The well-formed commit of `site` for round r, or ContributionRejected."""
+def parse_commit(site: str, r: int, body: dict, kind: str = "shard") -> Commit:
+    """The well-formed commit of `site` for round r, or ContributionRejected. `kind`: what
+    it must list, weight shards, or masked ones (secure aggregation)."""
     schema.check(schema.RECORDS["commit"], body, f"site {site!r}: round {r} commit", ContributionRejected)
     commit = Commit(body["base"], tuple(Ref(s["key"], s["sha256"]) for s in body["shards"]),
                     Ref(body["meta"]["key"], body["meta"]["sha256"]))
     if commit.meta.key != layout.meta(r, site):
         raise ContributionRejected(f"site {site!r}: round {r} commit lists metadata at {commit.meta.key}")
     for s in commit.shards:
-        if layout.round_of(s.key) != r or layout.kind_of(s.key) != ("shard", True, site):
+        if layout.round_of(s.key) != r or layout.kind_of(s.key) != (kind, True, site):
             raise ContributionRejected(f"site {site!r}: round {r} commit lists a shard elsewhere ({s.key})")
     return commit
 
@@ -62,7 +63,8 @@ class Contribution:
     metrics: dict
 
 
-def read_contribution(view: View, me, r: int, site: str, commit_sha: str, expected_base: str | None) -> Contribution:
+def read_contribution(view: View, me, r: int, site: str, commit_sha: str, expected_base: str | None,
+                      kind: str = "shard") -> Contribution:
     """Commit (as the seal lists it) and metadata of `site` for round r, checked."""
     key = layout.commit(r, site)
     commits = view.commits(r)
@@ -72,7 +74,7 @@ def read_contribution(view: View, me, r: int, site: str, commit_sha: str, expect
     sha, body = commits[site]
     if sha != commit_sha:
         raise IntegrityError(f"{key}: not the commit the seal lists")
-    commit = parse_commit(site, r, body)
+    commit = parse_commit(site, r, body, kind)
     meta_blob = view.find(commit.meta.key, commit.meta.sha256, key)  # in whichever slot it went to
     if meta_blob is None:
         raise IntegrityError(f"{commit.meta.key}: not the metadata the commit lists")
@@ -107,12 +109,12 @@ def merge_weights(settings, declared: dict[str, int]) -> dict | None:
     return as_merge_weights(weight_shares(settings, declared)) if settings.weighting == "cases" else None
 
 
-def read_shard_plain(view: View, me, r: int, site: str, ref: Ref) -> bytes:
+def read_shard_plain(view: View, me, r: int, site: str, ref: Ref, kind: str = "shard") -> bytes:
     """A listed shard, checked against its commit and its (signed) name, decrypted."""
     blob = view.get(ref.key, layout.commit(r, site))
     if crypto.sha256_hex(blob) != ref.sha256:
         raise IntegrityError(f"{ref.key}: not the shard the commit lists")
-    plain = read_envelope(view.fed, ref.key, "shard", me, author=site, blob=blob, round=r)[1]
+    plain = read_envelope(view.fed, ref.key, kind, me, author=site, blob=blob, round=r)[1]
     if layout.shard_plain_sha256(ref.key) != crypto.sha256_hex(plain):  # signed so by its author
         raise ContributionRejected(f"site {site!r}: {ref.key} holds content that does not match its name")
     return plain

@@ -88,19 +88,22 @@ class View(Listing):
         self._seal_sha: dict[int | None, str] = {}
         self._commits: dict[int, dict[str, tuple[str, dict]]] = {}
         self._merged: dict[int, dict[str, dict]] = {}
+        self._key_seals: dict[int, tuple[str, dict] | None] = {}
 
     def forget(self, key: str) -> None:
         r = layout.round_of(key)
         if r is not None:
             self._commits.pop(r, None)
             self._merged.pop(r, None)
+            if not self._key_seals.get(r):
+                self._key_seals.pop(r, None)
             if not self._seals.get(r):
                 self._seals.pop(r, None)
 
     def check(self, key: str, kind: str, got: dict) -> None:
         """Only a participant of the round may seal it: a seal candidate is decided by its
         bytes alone, so that every site picks the same."""
-        if kind != "seal":  # (the start seal's author is checked against the epoch it pins)
+        if kind not in ("seal", "keyseal"):  # (the start seal's author is checked against the epoch it pins)
             return
         if got.get("author") not in self.participants_of(layout.round_of(key)):
             raise IntegrityError(f"{key}: sealed by {got.get('author')!r}, who is not a participant")
@@ -245,11 +248,56 @@ class View(Listing):
                     or body["sealed_at"] + CLOCK_SKEW_S < opened + self.s.deadline_s):
                 raise IntegrityError(f"{key}: sealed with {len(contrib)} contributions before the deadline "
                                      f"(sealed by {by})")
+        if self.s.secure_aggregation and r >= 1:
+            self._check_secure_seal(r, body)
         commits = self.commits(r)
         for site, sha in contrib.items():
             if site not in commits or commits[site][0] != sha:
                 raise IntegrityError(f"{layout.commit(r, site)}: missing or not the commit the seal lists"
                                      f"{self.junk_at(layout.commit(r, site))}")
+
+    # -- secure aggregation (docs/design.md 7.8) --------------------------------------------
+    def key_seal(self, r: int) -> tuple[str, dict] | None:
+        """(sha256, body) of round r's verified key seal: whose key material the round masks
+        with, all participants' or, after the deadline, at least secagg.minimum of them."""
+        if r not in self._key_seals:
+            found = self.resolve(layout.key_seal(r), "keyseal")
+            if found is not None:
+                self._check_key_seal(r, found[2])
+            self._key_seals[r] = (crypto.sha256_hex(found[1]), found[2]) if found else None
+        return self._key_seals[r]
+
+    def forget_key_seal(self, r: int) -> None:
+        self._key_seals.pop(r, None)
+
+    def _check_key_seal(self, r: int, body: dict) -> None:
+        from .. import secagg
+
+        key, parts, by, keys = layout.key_seal(r), self.participants_of(r), body.get("author"), body["keys"]
+        if body["round"] != r or not set(keys) <= set(parts) or body["opened_at"] != self.opened_at(r):
+            raise IntegrityError(f"{key}: malformed key seal by {by} (round, sites or opening time)")
+        if len(keys) < len(parts) and (body["reason"] != "deadline"
+                                       or len(keys) < secagg.minimum(len(parts), self.quorum_of(r))
+                                       or body["sealed_at"] + CLOCK_SKEW_S < body["opened_at"] + self.s.deadline_s):
+            raise IntegrityError(f"{key}: sealed with the key material of {len(keys)} sites before the deadline "
+                                 f"(sealed by {by})")
+        for site, sha in keys.items():
+            if self.find(layout.secagg_keys(r, site), sha, key) is None:
+                raise IntegrityError(f"{layout.secagg_keys(r, site)}: not the key material the key seal lists"
+                                     f"{self.junk_at(layout.secagg_keys(r, site))}")
+
+    def _check_secure_seal(self, r: int, body: dict) -> None:
+        from .. import secagg
+
+        key, by, contrib, found = layout.seal(r), body.get("author"), body["contributions"], self.key_seal(r)
+        if found is None or body.get("keys") != found[0]:
+            raise IntegrityError(f"{key}: names key seal {str(body.get('keys'))[:16]}, not the one stored "
+                                 f"(sealed by {by})")
+        if not set(contrib) <= set(found[1]["keys"]):
+            raise IntegrityError(f"{key}: lists contributions of sites without sealed key material (sealed by {by})")
+        if len(contrib) < secagg.minimum(len(self.participants_of(r)), self.quorum_of(r)):
+            raise IntegrityError(f"{key}: sealed with {len(contrib)} contributions, fewer than secure "
+                                 f"aggregation needs (sealed by {by})")
 
     def recheck_head(self) -> None:
         """The latest seal this site adopted must still be in the storage, byte for byte

@@ -14,6 +14,7 @@ from ... import crypto, layout
 from ...errors import ContributionRejected, FederationHalted, SetupError
 from ...faults import crash_point
 from ...site import atomic_write
+from .. import secure
 from ..contribution import Contribution, InputCheck, merge_weights, read_contribution, read_shard_plain
 from ..wait import Wait
 
@@ -87,6 +88,8 @@ def _compute(t, r: int) -> None:
     seal = t.view.seal(r)
     if seal is None:
         raise SetupError(f"round {r} is not sealed yet", "run the tick again")
+    if secure.enabled(t, r):
+        return _compute_secure(t, r, seal)
     out = folder(t, r)
     previous = _record(t, r - 1) if r - 1 >= t.mode.first_round else None
     base = merged_weights(t, r - 1)[0] if t.mode.checks_against_base(r) else None
@@ -137,6 +140,50 @@ def _compute(t, r: int) -> None:
               "previous": _previous_result(t, r, previous)}
     atomic_write(out / "merged.json", json.dumps(record).encode())  # last: marks the merge complete
     t.view.chain.keep_merge(r, record["result"])
+
+
+def _compute_secure(t, r: int, seal: dict) -> None:
+    """Secure aggregation: unmask the sum (p2pfed/protocol/secure.py), check it, and take
+    every tensor this site holds that was merged; the others stay as this site trained
+    them (asym: shared by fewer than three sites)."""
+    from ...merge import canonical_layers
+    from ...shards import to_shards
+
+    merged, _, contributors = secure.aggregate(t, r, seal)
+    out = folder(t, r)
+    previous = _record(t, r - 1) if r - 1 >= t.mode.first_round else None
+    if t.mode.checks_against_base(r) and t.s.max_update_norm is not None:
+        _check_aggregate(t, r, merged)
+    own = {}
+    for skey, layer in canonical_layers(_last_local_weights(t), t.site).items():
+        value = merged.get((skey, tuple(layer.array.shape)), layer.array)
+        own.update((name, value) for name in layer.names)
+    for old in out.glob("*"):
+        old.unlink()
+    hashes = []
+    for i, blob in enumerate(to_shards(own, site=t.site)):
+        atomic_write(out / f"{i:05d}.safetensors", blob)
+        hashes.append(crypto.sha256_hex(blob))
+        crash_point("merge")
+    mine = crypto.model_hash(hashes)
+    # FFE: one model, every contributor's; asym: no site can know another's local layers
+    per_site = {s: mine for s in contributors} if t.mode.plans_must_agree else {t.site: mine}
+    record = {"round": r, "result": secure.result_hash(merged), "per_site": per_site, "own": mine, "excluded": {},
+              "seal": t.view.seal_sha(r), "previous": _previous_result(t, r, previous)}
+    atomic_write(out / "merged.json", json.dumps(record).encode())  # last: marks the merge complete
+    t.view.chain.keep_merge(r, record["result"])
+
+
+def _check_aggregate(t, r: int, merged: dict) -> None:
+    """No one can check another site's update any more: every site checks the sum."""
+    from ...merge import Layer
+
+    base = merged_weights(t, r - 1)[0]
+    dist, norm = secure.update_norm({k: Layer((k,), a) for (k, _), a in merged.items()}, base)
+    if not dist <= t.s.max_update_norm * norm:
+        raise FederationHalted(f"round {r}: the securely aggregated update has norm {dist:.6g}, over max_update_norm "
+                               f"{t.s.max_update_norm:g} x the base's {norm:.6g}",
+                               "a contributor sent an update it did not check; secure aggregation hides which")
 
 
 def _previous_result(t, r: int, previous: dict | None) -> str | None:

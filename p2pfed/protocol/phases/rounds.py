@@ -17,7 +17,7 @@ from ... import crypto, layout
 from ...errors import ContributionRejected
 from ...faults import crash_point
 from ...site import atomic_write
-from .. import handover
+from .. import handover, secure
 from ..contribution import parse_commit
 from ..wait import Wait
 from . import merge
@@ -50,6 +50,10 @@ def advance(t) -> str | None:
         return None
     t.adopt_keys(r)  # a rotated key is used from the round its epoch applies
     if not committed(t, r):
+        if secure.enabled(t, r):  # key material first: the others mask with it while this site trains
+            published = secure.publish_keys(t, r, lambda: secure.layout_of(_start_weights(t, r)))
+            if published:
+                return published
         cached = cached_training(t, r)
         if cached is None:
             t.enter("train")
@@ -58,7 +62,12 @@ def advance(t) -> str | None:
         v.refresh(layout.seal(r))  # training takes a while: the round may have been sealed meanwhile
         if v.seal(r) is not None:
             return f"round {r} was sealed without this site; catching up"
-        upload(t, r, *cached)
+        if not secure.enabled(t, r):
+            upload(t, r, *cached)
+        elif (why := secure.upload(t, r, *cached, base_model(t, r)[0])) is not None:
+            t.enter("seal")
+            t.say(why)
+            return seal(t, r)
         t.save(committed=r)
         return f"committed round {r}"
     t.enter("seal")
@@ -98,6 +107,12 @@ def base_model(t, r: int) -> tuple[dict | None, str | None]:
     if r - 1 < t.mode.first_round or (not t.mode.plans_must_agree and t.site not in t.view.participants_of(r - 1)):
         return None, None  # asym: a site admitted from round r starts from its own network
     return merge.merged_weights(t, r - 1)
+
+
+def _start_weights(t, r: int):
+    """The model round r's training starts from (its layout is what this site masks)."""
+    weights = base_model(t, r)[0]
+    return weights if weights is not None else t.trainer.initial_weights()
 
 
 def _cache(t, r: int):
@@ -155,13 +170,16 @@ def upload(t, r: int, weights, meta: dict, base: str | None) -> None:
 
 
 # --------------------------------------------------------------------------- seal
-def sealable(t, r: int) -> tuple[dict[str, str], list[str]]:
-    """(site -> commit sha256 of round r's well-formed commits, why the others are not
-    counted): a malformed commit is never sealed, and its site is named while waiting."""
+def sealable(t, r: int, sites) -> tuple[dict[str, str], list[str]]:
+    """(site -> commit sha256 of round r's well-formed commits by `sites`, why the others are
+    not counted): a malformed commit is never sealed, and its site is named while waiting."""
     found, malformed = {}, []
+    kind = "masked" if secure.enabled(t, r) else "shard"
     for site, (sha, body) in t.view.commits(r).items():
+        if site not in sites:
+            continue
         try:
-            parse_commit(site, r, body)
+            parse_commit(site, r, body, kind)
             found[site] = sha
         except ContributionRejected as exc:
             malformed.append(exc.message)
@@ -169,24 +187,31 @@ def sealable(t, r: int) -> tuple[dict[str, str], list[str]]:
 
 
 def seal(t, r: int) -> str:
-    v, parts = t.view, t.view.participants_of(r)
+    """Seal round r once every site that may contribute committed, or enough did by the
+    deadline. Secure aggregation: those are the key-sealed sites, and enough is
+    secagg.minimum, with no secure group left with one or two contributors."""
+    v = t.view
+    parts, need, extra = secure.seal_terms(t, r) if secure.enabled(t, r) else (v.participants_of(r), v.quorum_of(r), {})
     opened, now = v.opened_at(r), int(time.time())
     deadline = opened + t.s.deadline_s
-    listed, malformed = v.committed(r), []
-    if len(listed) == len(parts) or (len(listed) >= v.quorum_of(r) and now >= deadline):
-        commits, malformed = sealable(t, r)
-        reason = "all" if len(commits) == len(parts) else "deadline"
-        if reason == "all" or (len(commits) >= v.quorum_of(r) and now >= deadline):
-            body = {"round": r, "contributions": commits, "reason": reason, "opened_at": opened, "sealed_at": now,
-                    "previous": v.previous_seal(r)}
-            crash_point("seal")
-            return f"sealed {layout.seal(r)}" if t.write.claim(layout.seal(r), "seal", body) else ""
+    listed, malformed = [s for s in v.committed(r) if s in parts], []
+    if len(listed) == len(parts) or (len(listed) >= need and now >= deadline):
+        commits, malformed = sealable(t, r, parts)
+        if len(commits) == len(parts) or (len(commits) >= need and now >= deadline):
+            why = secure.unsealable(t, r, commits) if extra else None
+            if why is None:
+                reason = "all" if len(commits) == len(v.participants_of(r)) else "deadline"
+                body = {"round": r, "contributions": commits, "reason": reason, "opened_at": opened,
+                        "sealed_at": now, "previous": v.previous_seal(r), **extra}
+                crash_point("seal")
+                return f"sealed {layout.seal(r)}" if t.write.claim(layout.seal(r), "seal", body) else ""
+            malformed.append(f"(cannot seal yet: {why})")
     listed = v.committed(r)  # less any junk found at a commit key meanwhile
     missing = [s for s in parts if s not in listed]
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(deadline))
     waiting = ", ".join(missing + malformed)
     raise Wait("round", f"round {r}/{t.s.rounds}: waiting for {waiting} "
-                        f"(quorum {v.quorum_of(r)} may seal after {when})", missing + malformed, deadline, rnd=r)
+                        f"(quorum {need} may seal after {when})", missing + malformed, deadline, rnd=r)
 
 
 def pending(v) -> dict | None:

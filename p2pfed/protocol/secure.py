@@ -1,0 +1,433 @@
+"""Secure aggregation as the round's strategy (docs/design.md 7.8): members learn only
+the sum of the contributions. The arithmetic is p2pfed/secagg.py, the primitives
+p2pfed/crypto.py; this module maps the protocol onto ticks and the storage:
+
+1. keys:   every participant publishes its key material of round r (a mask public key,
+           a commitment to its self-mask seed, its tensor layout, and for every
+           participant a Shamir share of both secrets, HPKE-sealed to that holder);
+2. key seal: once all did, or enough after the deadline, `rounds/<r>/KEYS.json` fixes
+           who masks with whom (U1), create-only;
+3. masked upload: fixed point, masked; commit as before (the seal fixes U2, the contributors);
+4. reveal: once sealed, each U1 site reveals, per dealer, the share of the seed (if the
+           dealer contributed) or of the mask key (if it dropped out): never both;
+5. unmask: any `threshold` valid shares reconstruct each secret (checked against its
+           commitment); every site sums, unmasks and converts: the same bits everywhere.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from fractions import Fraction
+
+import numpy as np
+
+from .. import crypto, layout, secagg
+from ..errors import ContributionRejected, FederationHalted, SetupError
+from ..faults import crash_point
+from ..merge import Layer, canonical_layers
+from ..objects import read_json
+from ..site import atomic_write
+from .contribution import declared_cases, parse_commit, read_contribution, read_shard_plain, weight_shares
+from .wait import Wait
+
+
+def enabled(t, r: int) -> bool:
+    """Round r is aggregated securely (round 0, the shared initial model, is one site's)."""
+    return t.s.secure_aggregation and r >= 1
+
+
+def _ctx(t, r: int, *sites: str) -> bytes:
+    return secagg.context(t.fed.id, t.fed.epoch_at(r).sha256, r, *sites)
+
+
+def _pair_ctx(t, r: int, a: str, b: str) -> bytes:
+    return _ctx(t, r, *sorted((a, b)))
+
+
+# --------------------------------------------------------------------------- 1. keys
+def _secrets(t, r: int) -> dict | None:
+    f = t.home.work("secure") / f"{r:05d}.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def publish_keys(t, r: int, weights_layout) -> str:
+    """Publish this site's key material of round r (made once and kept in the site home
+    first: a tick killed after the write re-publishes the very same bytes). `weights_layout()`
+    gives the layout of the model this site trains from."""
+    key = layout.secagg_keys(r, t.site)
+    if t.state.get("keys_published") == r and t.view.has(key):
+        return ""
+    kept = _secrets(t, r) or _make_secrets(t, r, weights_layout())
+    t.write.envelope(key, "keys", crypto.canonical_json(kept["payload"]), round=r)
+    t.save(keys_published=r)
+    return f"published round {r} key material (secure aggregation)"
+
+
+def _make_secrets(t, r: int, weights_layout: list) -> dict:
+    parts, members = t.view.participants_of(r), t.fed.members_at(r)
+    private, public = crypto.mask_keypair()
+    seed, noise = crypto.random_seed(), crypto.random_seed() + crypto.random_seed()
+    need = secagg.threshold(len(parts))
+    mask_shares, seed_shares = crypto.split_secret(private, need, len(parts)), crypto.split_secret(seed, need, len(parts))
+    shares = {}
+    for i, holder in enumerate(parts):
+        c = _ctx(t, r, t.site, holder)
+        shares[holder] = {"sealed": crypto.encrypt_share(mask_shares[i] + seed_shares[i], members[holder], c),
+                          "mask": crypto.commitment(c, b"mask", mask_shares[i]),
+                          "seed": crypto.commitment(c, b"seed", seed_shares[i])}
+    payload = {"round": r, "mask_public": crypto.b64(public), "layout": weights_layout, "shares": shares,
+               "seed_commitment": crypto.commitment(_ctx(t, r, t.site), b"seed", seed)}
+    kept = {"mask_private": crypto.b64(private), "seed": crypto.b64(seed), "noise": crypto.b64(noise),
+            "payload": payload}
+    atomic_write(t.home.work("secure") / f"{r:05d}.json", json.dumps(kept).encode(), mode=0o600)
+    return kept
+
+
+def layout_of(weights) -> list:
+    """[[structural key, shape], ...] of a model, in key order: what a site masks."""
+    return [[skey, list(layer.array.shape)] for skey, layer in sorted(canonical_layers(weights, "this site").items())]
+
+
+class Keys:
+    """A participant's key material of round r, read and checked."""
+
+    def __init__(self, site: str, payload: dict, parts: list[str]):
+        where = f"site {site!r}: round {payload.get('round')} key material"
+        self.site = site
+        if sorted(payload["shares"]) != parts:
+            raise ContributionRejected(f"{where} deals shares to {sorted(payload['shares'])}, not to the participants")
+        try:
+            self.public = crypto.unb64(payload["mask_public"], where)
+            self.layout = {str(k): tuple(int(n) for n in shape) for k, shape in payload["layout"]}
+        except (TypeError, ValueError) as exc:
+            raise ContributionRejected(f"{where} is malformed ({exc})") from None
+        if len(self.public) != 32 or len(self.layout) != len(payload["layout"]) \
+                or any(n < 0 for shape in self.layout.values() for n in shape):
+            raise ContributionRejected(f"{where} has a malformed key or layout")
+        self.shares, self.seed_commitment = payload["shares"], payload["seed_commitment"]
+
+
+def read_keys(t, r: int, site: str, sha: str | None = None) -> Keys | None:
+    """`site`'s verified key material of round r (the bytes `sha` names, if given), or None."""
+    key = layout.secagg_keys(r, site)
+    found = t.view.resolve(key, "keys", site) if sha is None else None
+    blob = found[1] if found else (t.view.find(key, sha, layout.key_seal(r)) if sha else None)
+    if blob is None:
+        return None
+    payload = read_json(t.fed, key, "keys", t.me, author=site, blob=blob, round=r)[1]
+    if payload["round"] != r:
+        raise ContributionRejected(f"site {site!r}: key material at {key} is for round {payload['round']}")
+    return Keys(site, payload, t.view.participants_of(r))
+
+
+# --------------------------------------------------------------------------- 2. key seal
+def key_seal(t, r: int) -> dict:
+    """The verified key seal of round r, claimed here once due; else Wait."""
+    v = t.view
+    found = v.key_seal(r)
+    if found is not None:
+        return found[1]
+    parts, opened, now = v.participants_of(r), v.opened_at(r), int(time.time())
+    deadline, need = opened + t.s.deadline_s, secagg.minimum(len(parts), v.quorum_of(r))
+    have, bad = {}, []
+    for s in parts:
+        if not v.has(layout.secagg_keys(r, s)):
+            continue
+        try:
+            if read_keys(t, r, s) is not None:
+                have[s] = crypto.sha256_hex(v.resolve(layout.secagg_keys(r, s), "keys", s)[1])
+        except ContributionRejected as exc:
+            bad.append(exc.message)
+    if len(have) == len(parts) or (len(have) >= need and now >= deadline):
+        body = {"round": r, "keys": have, "reason": "all" if len(have) == len(parts) else "deadline",
+                "opened_at": opened, "sealed_at": now}
+        t.write.claim(layout.key_seal(r), "keyseal", body)
+        v.forget_key_seal(r)
+        return v.key_seal(r)[1]
+    missing = [s for s in parts if s not in have]
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(deadline))
+    raise Wait("round", f"round {r}/{t.s.rounds}: waiting for the key material of {', '.join(missing + bad)} "
+                        f"(secure aggregation: {need} may go on after {when})", missing, deadline, rnd=r)
+
+
+def _u1(t, r: int) -> dict[str, Keys]:
+    ks = t.view.key_seal(r)[1]
+    out = {}
+    for s, sha in sorted(ks["keys"].items()):
+        try:
+            out[s] = read_keys(t, r, s, sha)
+        except ContributionRejected as exc:  # sealed by someone, though malformed: no one can mask with it
+            raise FederationHalted(f"round {r}: the key seal lists unusable key material ({exc.message})") from None
+    return out
+
+
+def _shares(t, r: int, keys: dict[str, Keys]) -> dict[str, float]:
+    """Each U1 site's share of the weight, w_i / W over U1 (secagg.encode multiplies by it)."""
+    w = weight_shares(t.s, {s: declared_cases(t.state, s) for s in keys})
+    total = sum(w.values())
+    return {s: float(w[s] / total) for s in keys}
+
+
+def _weights(t, keys) -> dict[str, Fraction]:
+    return weight_shares(t.s, {s: declared_cases(t.state, s) for s in keys})
+
+
+# --------------------------------------------------------------------------- 3. masked upload
+def upload(t, r: int, weights, meta: dict, base: str | None, base_weights) -> str | None:
+    """Mask this site's model and upload it: shards of masked words, meta, then the commit.
+    Returns why it does not (None: uploaded)."""
+    keys = _u1(t, r) if t.site in key_seal(t, r)["keys"] else None
+    if keys is None:
+        return f"round {r}'s key material was sealed without this site; it takes part again next round"
+    secure = secagg.groups({s: k.layout for s, k in keys.items()}, t.s.layers)
+    own = canonical_layers(weights, t.site)
+    if {k: tuple(v.array.shape) for k, v in own.items()} != keys[t.site].layout:
+        raise SetupError(f"round {r}: this site's trained model does not have the layout it published",
+                         "the local training changed the network; restore the plan and retrain")
+    if t.s.max_update_norm is not None and base_weights is not None:
+        _check_own_update(r, own, base_weights, t.s.max_update_norm)
+    kept = _secrets(t, r)
+    private = crypto.unb64(kept["mask_private"], "secrets")
+    if t.s.dp:
+        own = _clip_update(own, base_weights, t.s.dp_clip)
+    share = _shares(t, r, keys)[t.site]
+    pair = {p: crypto.pair_mask_key(private, keys[p].public, _pair_ctx(t, r, t.site, p)) for p in keys if p != t.site}
+    self_key = crypto.self_mask_key(crypto.unb64(kept["seed"], "secrets"), _ctx(t, r, t.site))
+    noise_key = crypto.unb64(kept["noise"], "secrets")
+    items, clipped = [], 0
+    for skey, layer in sorted(own.items()):
+        group = secure.get((skey, layer.array.shape))
+        if group is None:
+            continue  # merged securely by no one: stays local
+        words, c = secagg.encode(layer.array, share)
+        clipped += c
+        lab = secagg.label(skey, layer.array.shape)
+        if t.s.dp:
+            np.add(words, secagg.noise(noise_key, lab, words.size, _noise_units(t, len(keys))).view(np.uint64),
+                   out=words)
+        masker = secagg.Masker(secagg.mask_keys(t.site, {p: pair[p] for p in group if p != t.site}, self_key))
+        items.append((skey, Layer(layer.names, masker.apply(words, lab).reshape(layer.array.shape))))
+    if clipped:
+        t.say(f"round {r}: {clipped} value(s) outside +-{secagg.CLIP:g} were clipped before masking")
+    from ..shards import layer_shards
+
+    refs, blobs = [], layer_shards(items)
+    for i, blob in enumerate(blobs):
+        key = layout.masked(r, t.site, crypto.sha256_hex(blob))
+        refs.append({"key": key, "sha256": t.write.envelope(key, "masked", blob, round=r)})
+        crash_point("upload")
+        if t.progress:
+            t.progress("upload", i + 1, len(blobs))
+    _commit(t, r, {**meta, "round": r, "base": base, "clipped": clipped}, refs, base)
+    return None
+
+
+def _commit(t, r: int, meta: dict, refs: list, base: str | None) -> None:
+    meta_ref = {"key": layout.meta(r, t.site),
+                "sha256": t.write.envelope(layout.meta(r, t.site), "meta", crypto.canonical_json(meta), round=r)}
+    crash_point("commit")
+    t.write.record(layout.commit(r, t.site), "commit", {"round": r, "base": base, "shards": refs, "meta": meta_ref})
+
+
+def update_norm(layers: dict, base_weights) -> tuple[float, float]:
+    """(L2 distance of `layers` to the base, the base's norm), exact sums (math.fsum)."""
+    base = canonical_layers(base_weights, "the base model")
+    dist = math.fsum(float(np.square(layer.array.astype(np.float64) - base[k].array).sum()) for k, layer in layers.items())
+    norm = math.fsum(float(np.square(b.array.astype(np.float64)).sum()) for b in base.values())
+    return math.sqrt(dist), math.sqrt(norm)
+
+
+def _check_own_update(r: int, own: dict, base_weights, bound: float) -> None:
+    """No one else can see this update: check it here, before masking (finite: to_shards did)."""
+    dist, norm = update_norm(own, base_weights)
+    if not dist <= bound * norm:
+        raise Wait("round", f"round {r}: this site's update norm {dist:.6g} exceeds max_update_norm {bound:g} x the "
+                            f"base model's norm {norm:.6g}; it does not contribute to this round", [], rnd=r)
+
+
+def _clip_update(own: dict, base_weights, bound: float) -> dict:
+    """DP: the update (weights minus the base) scaled to L2 norm at most `bound`."""
+    base = canonical_layers(base_weights, "the base model")
+    deltas = {k: layer.array.astype(np.float64) - base[k].array for k, layer in own.items()}
+    norm = math.sqrt(math.fsum(float(np.square(d).sum()) for d in deltas.values()))
+    scale = min(1.0, bound / norm) if norm > 0 else 1.0
+    return {k: Layer(layer.names, (base[k].array + deltas[k] * scale).astype(np.float32))
+            for k, layer in own.items()}
+
+
+def _noise_units(t, n: int) -> float:
+    """Each of n sites' noise std, in fixed-point units of the sum of shares (uniform: 1/n):
+    the n shares add up to noise_multiplier x dp_clip / n, the sensitivity of that sum."""
+    return t.s.dp_noise_multiplier * t.s.dp_clip / n / math.sqrt(n) * secagg.SCALE
+
+
+# --------------------------------------------------------------------------- 4. the seal's terms
+def seal_terms(t, r: int) -> tuple[list[str], int, dict]:
+    """(who may contribute: the key-sealed sites, the fewest contributions, extra seal fields)."""
+    found = t.view.key_seal(r)
+    if found is None:
+        key_seal(t, r)
+        found = t.view.key_seal(r)
+    sha, body = found
+    return sorted(body["keys"]), secagg.minimum(len(t.view.participants_of(r)), t.view.quorum_of(r)), {"keys": sha}
+
+
+def unsealable(t, r: int, contributors) -> str | None:
+    """Why these contributors cannot be sealed together: a secure group they would leave
+    with one or two contributors (whose values the sum would reveal), or None."""
+    keys = _u1(t, r)
+    bad = secagg.group_sizes_ok(secagg.groups({s: k.layout for s, k in keys.items()}, t.s.layers), contributors)
+    if bad is None:
+        return None
+    return f"tensor {bad[0]!r} would be merged by fewer than {secagg.MIN_GROUP} of the sites that share it"
+
+
+# --------------------------------------------------------------------------- 5. reveal and unmask
+def _kind_for(dealer: str, contributors) -> str:
+    return "seed" if dealer in contributors else "mask"
+
+
+def reveal(t, r: int, keys: dict[str, Keys], contributors) -> str:
+    """Publish this site's reveal for sealed round r: per dealer, one kind of share only."""
+    key = layout.reveal(r, t.site)
+    if t.site not in keys or t.state.get("revealed") == r:
+        return ""
+    out = {}
+    for dealer, k in sorted(keys.items()):
+        c = _ctx(t, r, dealer, t.site)
+        plain = crypto.decrypt_share(k.shares[t.site]["sealed"], t.me, c)
+        mask, seed = (plain[:32], plain[32:]) if plain is not None and len(plain) == 48 else (b"", b"")
+        if crypto.commitment(c, b"mask", mask) != k.shares[t.site]["mask"] \
+                or crypto.commitment(c, b"seed", seed) != k.shares[t.site]["seed"]:
+            raise FederationHalted(f"round {r}: the share {dealer} dealt to {t.site} does not match {dealer}'s "
+                                   "signed commitment", "a person must decide whether the dealer cheated")
+        kind = _kind_for(dealer, contributors)
+        out[dealer] = {"kind": kind, "share": crypto.b64(mask if kind == "mask" else seed)}
+    body = {"round": r, "seal": t.view.seal_sha(r), "shares": out}
+    t.write.envelope(key, "reveal", crypto.canonical_json(body), round=r)
+    t.save(revealed=r)
+    return f"revealed round {r}'s unmasking shares"
+
+
+def recover(t, r: int, keys: dict[str, Keys], contributors) -> dict[str, bytes]:
+    """dealer -> its reconstructed seed (contributors) or mask private key (dropped), each
+    from `threshold` shares that match their dealer's commitments; else Wait."""
+    parts = t.view.participants_of(r)
+    need, got = secagg.threshold(len(parts)), {d: {} for d in keys}
+    for holder in sorted(keys):
+        body = _read_reveal(t, r, holder)
+        if body is None:
+            continue
+        for dealer, k in keys.items():
+            entry, want = body["shares"].get(dealer), _kind_for(dealer, contributors)
+            c = _ctx(t, r, dealer, holder)
+            share = crypto.unb64(entry["share"], layout.reveal(r, holder)) if entry else b""
+            if entry is None or entry["kind"] != want or crypto.commitment(c, want.encode(), share) != k.shares[holder][want]:
+                raise FederationHalted(f"round {r}: {holder} revealed a wrong share of {dealer}'s {want} "
+                                       f"(it does not match {dealer}'s signed commitment)",
+                                       f"{holder} cheated or its node is broken; a person must look")
+            got[dealer][parts.index(holder) + 1] = share
+    short = [d for d in sorted(got) if len(got[d]) < need]
+    if short:
+        waiting = [s for s in sorted(keys) if not t.view.has(layout.reveal(r, s))]
+        raise Wait("round", f"round {r}: unmasking needs {need} reveals, has {min(len(got[d]) for d in got)}: "
+                            f"waiting for {', '.join(waiting)}", waiting, rnd=r)
+    return {d: _checked(t, r, keys[d], dict(sorted(got[d].items())[:need]), _kind_for(d, contributors))
+            for d in sorted(got)}
+
+
+def _read_reveal(t, r: int, holder: str) -> dict | None:
+    key = layout.reveal(r, holder)
+    if not t.view.has(key):
+        return None
+    found = t.view.resolve(key, "reveal", holder)
+    if found is None:
+        return None
+    body = read_json(t.fed, key, "reveal", t.me, author=holder, blob=found[1], round=r)[1]
+    if body["round"] != r or body["seal"] != t.view.seal_sha(r):
+        raise FederationHalted(f"round {r}: {holder} revealed shares for another seal of the round",
+                               "the storage shows sites different seals (a fork); alert the members")
+    return body
+
+
+def _checked(t, r: int, k: Keys, shares: dict[int, bytes], kind: str) -> bytes:
+    secret = crypto.combine_secret(shares)
+    ok = crypto.mask_public(secret) == k.public if kind == "mask" else \
+        crypto.commitment(_ctx(t, r, k.site), b"seed", secret) == k.seed_commitment
+    if not ok:
+        raise FederationHalted(f"round {r}: the shares {k.site} dealt do not reconstruct the {kind} it committed to",
+                               f"{k.site} cheated or its node is broken; a person must look")
+    return secret
+
+
+def aggregate(t, r: int, seal: dict) -> tuple[dict[tuple, np.ndarray], dict[str, Keys], list[str]]:
+    """Sealed round r, unmasked: (secure tensor (key, shape) -> float32 mean, U1, contributors)."""
+    keys, contributors = _u1(t, r), sorted(seal["contributions"])
+    secure = secagg.groups({s: k.layout for s, k in keys.items()}, t.s.layers)
+    bad = secagg.group_sizes_ok(secure, contributors)
+    if bad is not None:
+        raise FederationHalted(f"round {r}: sealed by {seal['author']} with tensor {bad[0]!r} merged by fewer than "
+                               f"{secagg.MIN_GROUP} sites", "nothing is revealed for this round; a person must look")
+    did = reveal(t, r, keys, contributors)
+    if did:
+        t.say(did)
+    secrets = recover(t, r, keys, contributors)
+    sums = _sums(t, r, seal, secure, contributors)
+    w, out = _weights(t, keys), {}
+    for (skey, shape), group in secure.items():
+        members = [s for s in group if s in contributors]
+        if not members:
+            continue
+        out[(skey, shape)] = _unmask(t, r, sums[(skey, shape)], (skey, shape), group, members, keys, secrets,
+                                     float(sum(w.values()) / sum(w[s] for s in members)))
+    return out, keys, contributors
+
+
+def _sums(t, r: int, seal: dict, secure: dict, contributors: list[str]) -> dict[tuple, np.ndarray]:
+    """The sum modulo 2^64 of the contributors' masked words, per secure tensor."""
+    from ..shards import read_shard
+
+    sums: dict[tuple, np.ndarray] = {}
+    for site in contributors:
+        try:
+            c = read_contribution(t.view, t.me, r, site, seal["contributions"][site], None, kind="masked")
+            expect = {k for k, g in secure.items() if site in g}
+            seen = set()
+            for i, ref in enumerate(c.commit.shards):
+                blob = read_shard_plain(t.view, t.me, r, site, ref, kind="masked")
+                for skey, layer in read_shard(blob, f"site {site!r} masked shard {i}", "U64"):
+                    k = (skey, tuple(layer.array.shape))
+                    if k not in expect or k in seen:
+                        raise ContributionRejected(f"site {site!r}: masked tensor {skey!r} is not one it must mask")
+                    seen.add(k)
+                    acc = sums.setdefault(k, np.zeros(layer.array.size, dtype=np.uint64))
+                    np.add(acc, layer.array.ravel(), out=acc)
+            if seen != expect:
+                raise ContributionRejected(f"site {site!r}: lacks {len(expect - seen)} masked tensor(s)")
+        except ContributionRejected as exc:  # sealed: excluding it now would need both its secrets
+            raise FederationHalted(f"round {r}: {exc.message}", "the named site must fix its node; "
+                                   "a sealed secure round cannot leave anyone out") from None
+    return sums
+
+
+def _unmask(t, r: int, total: np.ndarray, k: tuple, group, members, keys, secrets, factor: float) -> np.ndarray:
+    skey, shape = k
+    lab, out = secagg.label(skey, shape), total.copy()
+    remove = [(crypto.self_mask_key(secrets[s], _ctx(t, r, s)), 1) for s in members]
+    for d in (s for s in group if s not in members):  # dropped: the masks its peers added with it
+        remove += [(crypto.pair_mask_key(secrets[d], keys[i].public, _pair_ctx(t, r, i, d)), secagg.sign(i, d))
+                   for i in members]
+    out = secagg.Masker(remove).apply(out, lab, direction=-1)
+    merged = secagg.decode(out, factor).astype(np.float32).reshape(shape)
+    merged.flags.writeable = False
+    return merged
+
+
+def result_hash(merged: dict[tuple, np.ndarray]) -> str:
+    """What every participant's merge record compares: the hash of the unmasked sum."""
+    return crypto.hash_json([[skey, list(shape), crypto.sha256_hex(a.tobytes())] for (skey, shape), a in merged.items()])
+
+
+def parse_masked_commit(site: str, r: int, body: dict):
+    return parse_commit(site, r, body, kind="masked")
