@@ -392,7 +392,7 @@ PAYLOAD_MAX_BYTES: dict[str, int] = {
     "summary": MAX_SITE_CASES * _CASE_BYTES + MAX_CHANNELS * _FOREGROUND_BYTES + _INFO_BYTES,
     "histogram": MAX_CHANNELS * (_CHANNEL.required["index"].max_len + _CHANNEL.required["weight"].max_len + 64) + 4096,
     "shard": 8 + SHARD_HEADER_BYTES + SHARD_TENSOR_BYTES,
-    "masked": 8 + SHARD_HEADER_BYTES + SHARD_TENSOR_BYTES,
+    "masked": 8 + SHARD_HEADER_BYTES + 2 * SHARD_TENSOR_BYTES,  # uint64 words: twice the float32 bytes
     "keys": 8 << 20,  # a layout of up to 100k tensors and a sealed share for each of 10k sites
     "reveal": 2 << 20,
 }

@@ -15,7 +15,7 @@ from . import layout
 from .crypto import Identity, grouped
 from .errors import P2PFedError, UsageError
 from .federation import Federation
-from .objects import read_envelope
+from .objects import read_envelope, read_json
 from .protocol import View
 from .protocol.contribution import weight_shares
 from .protocol.phases import declare, where
@@ -67,6 +67,7 @@ def build(fed: Federation, reader: Identity | None, local: dict | None = None, v
                            for s in doc["plans"] if reader is not None and layout.plan(s) in keys}
     doc["declared"] = _declarations(view, reader)
     doc["rounds"] = _rounds(view, keys, reader)
+    doc["secure_aggregation"] = _secure(view, reader)
     for s, key in sorted(layout.sites_in(keys, "final").items()):
         doc["final"][s] = _decrypt(view, key, "final", s, reader)
     doc["phase"] = where(view)
@@ -79,6 +80,42 @@ def build(fed: Federation, reader: Identity | None, local: dict | None = None, v
                                                   "nnunet_results") if k in local}
     doc["junk"] = dict(sorted(view.junk.items()))  # objects at protocol keys that do not count
     return doc
+
+
+def _secure(view: View, reader: Identity | None) -> dict:
+    """Secure aggregation: the threshold, the fewest contributions a round may be sealed
+    with, the tensors of the reader that no secure group merges (asym: shared by fewer
+    than three sites), and with DP the epsilon spent (from the seals: public)."""
+    from . import dp, secagg
+
+    s = view.s
+    if not s.secure_aggregation:
+        return {"on": False}
+    n = len(view.participants_of(max(view.current_round() - 1, 1))) if view.participants else s.sites
+    doc = {"on": True, "threshold": secagg.threshold(n), "minimum": secagg.minimum(n, min(s.effective_quorum, n)),
+           "kept_local": None}
+    sealed = [r for r in range(1, view.current_round()) if view.key_seal(r) is not None and view.seal(r)]
+    if reader is not None and sealed and reader.site in view.key_seal(sealed[-1])[1]["keys"]:
+        doc["kept_local"] = _kept_local(view, reader, sealed[-1])
+    if s.dp:
+        zs = [dp.round_multiplier(s.dp_noise_multiplier, len(view.key_seal(r)[1]["keys"]),
+                                  len(view.seal(r)["contributions"])) for r in sealed]
+        doc["dp"] = {"epsilon": dp.epsilon(zs, s.dp_delta), "delta": s.dp_delta, "rounds": len(zs),
+                     "clip": s.dp_clip, "noise_multiplier": s.dp_noise_multiplier}
+    return doc
+
+
+def _kept_local(view: View, reader: Identity, r: int) -> list[str]:
+    from . import secagg
+
+    layouts = {}
+    for site, sha in view.key_seal(r)[1]["keys"].items():
+        key = layout.secagg_keys(r, site)
+        payload = read_json(view.fed, key, "keys", reader, author=site, blob=view.find(key, sha, layout.key_seal(r)),
+                            round=r)[1]
+        layouts[site] = {k: tuple(shape) for k, shape in payload["layout"]}
+    groups = secagg.groups(layouts, view.s.layers)
+    return [f"{k} {list(shape)}" for k, shape in layouts[reader.site].items() if (k, shape) not in groups]
 
 
 def chain_head(doc: dict, view: View, kept: dict | None) -> dict | None:
@@ -279,6 +316,15 @@ def render(doc: dict, console) -> None:
                                                  if phase["waiting_for"] else ""))
     console.print(_epochs_line(doc), markup=False, soft_wrap=True)
     _render_progress(doc, console)
+    sa = doc.get("secure_aggregation") or {}
+    if sa.get("on"):
+        line = (f"[bold]Secure aggregation:[/] on (shares: {sa['threshold']} reconstruct; a round needs "
+                f"{sa['minimum']} contributions)")
+        if sa.get("kept_local"):
+            line += f"; {plural(len(sa['kept_local']), 'tensor')} shared by fewer than 3 sites stay local"
+        if sa.get("dp"):
+            line += f"; DP epsilon {sa['dp']['epsilon']:.3g} spent (delta {sa['dp']['delta']:g}, {plural(sa['dp']['rounds'], 'round')})"
+        console.print(line, soft_wrap=True)
     head = doc.get("chain_head")
     if head:
         console.print(f"[bold]Chain head:[/] {head['short']} (round {head['round']}; compare it with the other "

@@ -210,9 +210,9 @@ def upload(t, r: int, weights, meta: dict, base: str | None, base_weights) -> st
         items.append((skey, Layer(layer.names, masker.apply(words, lab).reshape(layer.array.shape))))
     if clipped:
         t.say(f"round {r}: {clipped} value(s) outside +-{secagg.CLIP:g} were clipped before masking")
-    from ..shards import layer_shards
+    from ..shards import DEFAULT_MAX_BYTES, layer_shards
 
-    refs, blobs = [], layer_shards(items)
+    refs, blobs = [], layer_shards(items, 2 * DEFAULT_MAX_BYTES)  # as many shards as the plain upload
     for i, blob in enumerate(blobs):
         key = layout.masked(r, t.site, crypto.sha256_hex(blob))
         refs.append({"key": key, "sha256": t.write.envelope(key, "masked", blob, round=r)})
@@ -322,8 +322,14 @@ def recover(t, r: int, keys: dict[str, Keys], contributors) -> dict[str, bytes]:
         for dealer, k in keys.items():
             entry, want = body["shares"].get(dealer), _kind_for(dealer, contributors)
             c = _ctx(t, r, dealer, holder)
-            share = crypto.unb64(entry["share"], layout.reveal(r, holder)) if entry else b""
-            if entry is None or entry["kind"] != want or crypto.commitment(c, want.encode(), share) != k.shares[holder][want]:
+            if entry is None:
+                continue  # a share it could not open: the dealer's fault, which it reported itself
+            if entry["kind"] != want:  # with both kinds of one site, anyone could unmask its upload
+                raise FederationHalted(f"round {r}: {holder} revealed the {entry['kind']} share of {dealer}, "
+                                       f"where only its {want} share may be revealed",
+                                       f"{holder} cheated or its node is broken; a person must look")
+            share = crypto.unb64(entry["share"], layout.reveal(r, holder))
+            if crypto.commitment(c, want.encode(), share) != k.shares[holder][want]:
                 raise FederationHalted(f"round {r}: {holder} revealed a wrong share of {dealer}'s {want} "
                                        f"(it does not match {dealer}'s signed commitment)",
                                        f"{holder} cheated or its node is broken; a person must look")

@@ -291,8 +291,8 @@ class View(Listing):
 
         key, by, contrib, found = layout.seal(r), body.get("author"), body["contributions"], self.key_seal(r)
         if found is None or body.get("keys") != found[0]:
-            raise IntegrityError(f"{key}: names key seal {str(body.get('keys'))[:16]}, not the one stored "
-                                 f"(sealed by {by})")
+            raise IntegrityError(f"{key}: names key seal {str(body.get('keys'))[:16]}, not the one stored at "
+                                 f"{layout.key_seal(r)}{self.junk_at(layout.key_seal(r))} (sealed by {by})")
         if not set(contrib) <= set(found[1]["keys"]):
             raise IntegrityError(f"{key}: lists contributions of sites without sealed key material (sealed by {by})")
         if len(contrib) < secagg.minimum(len(self.participants_of(r)), self.quorum_of(r)):
