@@ -160,6 +160,12 @@ Endpoint = typer.Option(None, "--endpoint", help="S3 endpoint URL (MinIO, ...) (
                         "init/join, else $AWS_ENDPOINT_URL).")
 
 
+def _secure_default(sites: int, on: bool, off: bool) -> bool:
+    if on and off:
+        raise UsageError("--secure-aggregation and --no-secure-aggregation exclude each other")
+    return on or (not off and sites >= 3)
+
+
 @app.command()
 @handled
 def init(
@@ -185,7 +191,8 @@ def init(
     max_update_norm: Optional[float] = typer.Option(None, "--max-update-norm", help="Refuse updates whose L2 distance to the base model exceeds this times the base model's norm (off by default)."),
     max_weight_share: Optional[float] = typer.Option(None, "--max-weight-share", help="Cap any one contributor's share of a merge's total weight at S, 0 < S <= 1 (off by default)."),
     admission_quorum: Optional[int] = typer.Option(None, "--admission-quorum", help="Members who must approve each admission, removal or key rotation (default and minimum: a majority of the members)."),
-    secure_aggregation: Optional[bool] = typer.Option(None, "--secure-aggregation/--no-secure-aggregation", help="Members learn only the sum of the updates, never one site's (default: on for --sites 3 or more; fixed for the federation's life)."),
+    secure_aggregation: bool = typer.Option(False, "--secure-aggregation", help="Members learn only the sum of the updates, never one site's (the default for --sites 3 or more; fixed for the federation's life)."),
+    no_secure_aggregation: bool = typer.Option(False, "--no-secure-aggregation", help="Every member can read every site's update (the default below 3 sites)."),
     dp_clip: Optional[float] = typer.Option(None, "--dp-clip", help="Differential privacy: clip each site's update to this L2 norm (needs secure aggregation, --mode ffe and --weighting uniform)."),
     dp_noise_multiplier: Optional[float] = typer.Option(None, "--dp-noise-multiplier", help="Differential privacy: the aggregate's noise std over --dp-clip."),
     dp_delta: float = typer.Option(1e-5, "--dp-delta", help="Differential privacy: the delta that epsilon is reported for."),
@@ -205,7 +212,7 @@ def init(
                         gpu_memory_target=gpu_memory_target, final_validation=not no_final_validation,
                         max_update_norm=max_update_norm, max_weight_share=max_weight_share,
                         admission_quorum=admission_quorum,
-                        secure_aggregation=sites >= 3 if secure_aggregation is None else secure_aggregation,
+                        secure_aggregation=_secure_default(sites, secure_aggregation, no_secure_aggregation),
                         dp_clip=dp_clip, dp_noise_multiplier=dp_noise_multiplier, dp_delta=dp_delta)
     opts = _local_options(site, dataset, nnunet_raw, nnunet_preprocessed, nnunet_results, device, endpoint, home)
     config, public = node.init(storage, opts, settings)

@@ -103,14 +103,14 @@ def _check(fed: Federation, key: str, data: bytes, reader: Identity | None, list
         return _check_membership(fed, key, name, author, data)
     if not envelope:
         body = read_record(fed, logical, name, author, data=data)
-        listed.extend((key, ref_key, sha) for ref_key, sha in _references(logical, name, author, body))
+        listed.extend((key, ref_key, sha) for ref_key, sha in _references(fed, logical, name, author, body))
         if name in ("fingerprint-seal", "seal", "merged"):
             chain[key] = (body, sha256_hex(data))
         return f"{name} record, signed by {body.get('author')}"
     header = verify_envelope(data, authors=fed.authors(logical), name=logical,
                              expect={"federation": fed.id, "kind": name, "name": logical, "author": author})
     # a shard is named by its plaintext sha256, which its author signed in the header
-    if name == "shard" and layout.shard_plain_sha256(key) != header.get("plaintext_sha256"):
+    if name in ("shard", "masked") and layout.shard_plain_sha256(key) != header.get("plaintext_sha256"):
         raise IntegrityError(f"{key}: content does not match its name")
     # only what was encrypted to this site's current keys: a rotated key is gone
     if reader is not None and reader.site in header.get("recipients", {}) \
@@ -120,18 +120,21 @@ def _check(fed: Federation, key: str, data: bytes, reader: Identity | None, list
     return f"{name} envelope, signed by {author} (not encrypted for this site)"
 
 
-def _references(key: str, kind: str, author: str | None, body: dict) -> list[tuple[str, str]]:
-    """(logical key, sha256) of the objects a commit, a seal or a merge record vouches
-    for: all must be there. A malformed commit or seal raises, naming itself."""
+def _references(fed: Federation, key: str, kind: str, author: str | None, body: dict) -> list[tuple[str, str]]:
+    """(logical key, sha256) of the objects a commit, a seal, a key seal or a merge record
+    vouches for: all must be there. A malformed commit or seal raises, naming itself."""
     r = layout.round_of(key)
     if kind == "commit":
-        commit = parse_commit(author, r, body)
+        commit = parse_commit(author, r, body, "masked" if fed.settings.secure_aggregation and r >= 1 else "shard")
         return [(ref.key, ref.sha256) for ref in (*commit.shards, commit.meta)]
     if kind == "seal":
         contributions = body.get("contributions")
         if not isinstance(contributions, dict) or not all(isinstance(v, str) for v in contributions.values()):
             raise IntegrityError(f"{key}: malformed seal")
-        return [(layout.commit(r, site), sha) for site, sha in contributions.items()]
+        keys = [(layout.key_seal(r), body["keys"])] if "keys" in body else []
+        return [(layout.commit(r, site), sha) for site, sha in contributions.items()] + keys
+    if kind == "keyseal":
+        return [(layout.secagg_keys(r, site), sha) for site, sha in body["keys"].items()]
     if kind == "merged" and isinstance(body.get("reasons"), dict):
         return [(layout.merge_reasons(r, author), str(body["reasons"].get("sha256")))]
     return []

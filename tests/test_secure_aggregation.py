@@ -338,3 +338,24 @@ def test_dp_adds_the_configured_noise_and_status_reports_epsilon(tmp_path):
     merged = merged_model(fed, "site0", 1)
     off = np.concatenate([(merged[k] - sum(models[s][k] for s in fed.sites) / 3).ravel() for k in merged])
     assert 0.3 < off.std() / (1.0 * 0.05 / 3) < 3  # noise of the configured std, not none, not more
+
+
+def test_sigkill_after_every_write_of_a_secure_round_is_recovered(tmp_path):
+    """Every tick process dies right after its first storage write, until a tick writes
+    nothing: key material, key seal, masked shards, reveals and merges each survive a
+    SIGKILL right after they are written (tests/test_faults.py does the plain protocol)."""
+    from test_faults import all_verified, tick
+
+    fed = factory.make(tmp_path, n=3, rounds=1, secure_aggregation=True)
+    kills, finished = 0, set()
+    while finished != set(fed.sites):
+        for site in fed.sites:
+            while (proc := tick(fed, site, "write:1")).returncode == -9:
+                kills += 1
+            assert proc.returncode == 0, proc.stderr
+            if json.loads(proc.stdout)["finished"]:
+                finished.add(site)
+        assert kills < 150
+    assert kills >= len([k for k in factory.keys(fed) if layout.round_of(k) == 1])
+    assert all_verified(fed)
+    assert len(set(final_models(fed).values())) == 1
