@@ -64,7 +64,7 @@ sys.path.insert(0, str(ROOT))
 
 from p2pfed import crypto, layout, secagg  # noqa: E402
 from p2pfed.merge import Layer, canonical_layers, weighted_mean  # noqa: E402
-from p2pfed.shards import layer_shards, to_shards  # noqa: E402
+from p2pfed.shards import MASKED_MAX_BYTES, layer_shards, to_shards  # noqa: E402
 
 FEDERATION, EPOCH, ROUND = "bench", "0" * 64, 1
 FEATURES = [32, 64, 128, 256, 320, 320]
@@ -309,7 +309,7 @@ def measure(model: Model, n: int, idents: dict, plain_blobs: list[bytes]) -> dic
     plain_up = sum(seal_size(b, "shard", layout.shard(ROUND, me, crypto.sha256_hex(b)), ident, members)
                    for b in plain_blobs)
     masked_up = 0
-    for b in layer_shards(masked):
+    for b in layer_shards(masked, MASKED_MAX_BYTES):
         masked_up += seal_size(b, "masked", layout.masked(ROUND, me, crypto.sha256_hex(b)), ident, members)
     del masked
     keys_up = seal_size(crypto.canonical_json(secrets[me]["payload"]), "keys", layout.secagg_keys(ROUND, me),

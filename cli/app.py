@@ -196,6 +196,7 @@ def init(
     dp_clip: Optional[float] = typer.Option(None, "--dp-clip", help="Differential privacy: clip each site's update to this L2 norm (needs secure aggregation, --mode ffe and --weighting uniform)."),
     dp_noise_multiplier: Optional[float] = typer.Option(None, "--dp-noise-multiplier", help="Differential privacy: the aggregate's noise std over --dp-clip."),
     dp_delta: float = typer.Option(1e-5, "--dp-delta", help="Differential privacy: the delta that epsilon is reported for."),
+    sharded_from: int = typer.Option(8, "--sharded-from", help="Secure rounds with at least this many sites split the merge among them, so no site downloads every contribution."),
     nnunet_raw: Optional[str] = Raw, nnunet_preprocessed: Optional[str] = Pre,
     nnunet_results: Optional[str] = Res, device: str = Device,
     endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,
@@ -213,7 +214,8 @@ def init(
                         max_update_norm=max_update_norm, max_weight_share=max_weight_share,
                         admission_quorum=admission_quorum,
                         secure_aggregation=_secure_default(sites, secure_aggregation, no_secure_aggregation),
-                        dp_clip=dp_clip, dp_noise_multiplier=dp_noise_multiplier, dp_delta=dp_delta)
+                        dp_clip=dp_clip, dp_noise_multiplier=dp_noise_multiplier, dp_delta=dp_delta,
+                        sharded_from=sharded_from)
     opts = _local_options(site, dataset, nnunet_raw, nnunet_preprocessed, nnunet_results, device, endpoint, home)
     config, public = node.init(storage, opts, settings)
     from p2pfed.crypto import grouped

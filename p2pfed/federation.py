@@ -68,6 +68,7 @@ class Settings:
     dp_clip: float | None = None  # distributed DP: the L2 bound of each site's update
     dp_noise_multiplier: float | None = None  # the aggregate's noise std over dp_clip
     dp_delta: float = 1e-5
+    sharded_from: int = 8  # secure rounds of this many key-sealed sites or more are sharded (7.9)
 
     def __post_init__(self):
         checks = [
@@ -96,6 +97,7 @@ class Settings:
             (self.dp_clip is None or self.weighting == "uniform", "differential privacy needs --weighting uniform"),
             (self.dp_clip is None or self.mode == "ffe", "differential privacy needs --mode ffe (a common base)"),
             (0 < self.dp_delta < 1, "--dp-delta must be in (0, 1)"),
+            (self.sharded_from >= 1, "--sharded-from must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

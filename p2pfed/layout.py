@@ -101,6 +101,16 @@ def reveal(r: int, site: str) -> str:
     return f"{round_dir(r)}/{site}/reveal.p2pf"
 
 
+def slice_sum(r: int, j: int, site: str) -> str:
+    """Sharded aggregation: the mean of slice j of round r as `site` summed it."""
+    return f"{round_dir(r)}/_slices/{j:05d}/{site}.p2pf"
+
+
+def slice_hash(r: int, j: int, site: str) -> str:
+    """The signed plaintext hash of `site`'s sum of slice j (what sites compare)."""
+    return f"{round_dir(r)}/_slices/{j:05d}/{site}.json"
+
+
 def merged(r: int, site: str) -> str:
     return f"{round_dir(r)}/merged/{site}.json"
 
@@ -139,7 +149,7 @@ def final_metrics(site: str) -> str:
 MAX_SLOTS = 8
 SLOTTED = {"fingerprint-seal", "summary", "histogram", "declaration", "plan", "plan-hash", "meta", "commit",
            "seal", "merged", "reasons", "final", "complaint", "handover", "handover-fingerprint", "epoch",
-           "approval", "keys", "keyseal", "reveal"}
+           "approval", "keys", "keyseal", "reveal", "slice", "slice-hash"}
 _SLOT = re.compile(r"^(.+)\.([1-9])$")
 
 
@@ -209,6 +219,8 @@ KINDS: list[tuple[re.Pattern, str, bool, int]] = [
     (re.compile(r"^rounds/\d{5}/([^/]+)/keys\.p2pf$"), "keys", True, _envelope("keys")),
     (re.compile(r"^rounds/\d{5}/KEYS\.json$"), "keyseal", False, _RECORD),
     (re.compile(r"^rounds/\d{5}/([^/]+)/reveal\.p2pf$"), "reveal", True, _envelope("reveal")),
+    (re.compile(r"^rounds/\d{5}/_slices/\d{5}/([^/]+)\.p2pf$"), "slice", True, _envelope("shard")),
+    (re.compile(r"^rounds/\d{5}/_slices/\d{5}/([^/]+)\.json$"), "slice-hash", False, _RECORD),
     (re.compile(r"^rounds/\d{5}/([^/]+)/COMMIT\.json$"), "commit", False, _RECORD),
     (re.compile(r"^rounds/\d{5}/SEAL\.json$"), "seal", False, _RECORD),
     (re.compile(r"^rounds/\d{5}/merged/([^/]+)\.json$"), "merged", False, _RECORD),

@@ -323,6 +323,7 @@ RECORDS: dict[str, Obj] = {
     "keyseal": _RECORD.extend({"round": Count, "keys": Map(Site, Hex64, 10_000), "reason": Str("all|deadline", 16),
                                "opened_at": Time, "sealed_at": Time}),
     "complaint": _RECORD.extend({"object": Str(r"[A-Za-z0-9_./-]+", 512), "accused": Site}),
+    "slice-hash": _RECORD.extend({"round": Count, "slice": Count, "sha256": Hex64, "sum": Ref}),
     "merged": _RECORD.extend({"round": Count, "result": Hex64, "per_site": Map(Site, Hex64, 10_000),
                               "seal": Hex64, "previous": Opt(Hex64), "excluded": List(Site, 0, 10_000),
                               "reasons": Opt(Ref)}),

@@ -116,12 +116,54 @@ def mask_keys(site: str, peers: Mapping[str, bytes], self_key: bytes) -> list[tu
     return [(self_key, 1)] + [(k, sign(site, peer)) for peer, k in sorted(peers.items())]
 
 
-def noise(key: bytes, lab: bytes, count: int, sigma: float) -> np.ndarray:
+def noise(key: bytes, lab: bytes, count: int, sigma: float, start: int = 0) -> np.ndarray:
     """`count` int64 draws of a Gaussian of std `sigma` (fixed-point units) rounded to
-    integers, from the ChaCha20 stream of (key, lab): a cryptographic source, never numpy's
-    generator. Box-Muller on 53-bit uniforms; at the sigmas DP uses here (2^20 units and
-    more) the rounded Gaussian is the discrete Gaussian to within a negligible distance."""
-    words = crypto.keystream_u64(key, b"noise\x00" + lab, 0, 2 * count).reshape(2, count)
-    u1 = ((words[0] >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0 ** -53  # (0, 1]: log is finite
-    u2 = (words[1] >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    integers, for the words `start`.. of a tensor, from the ChaCha20 stream of (key, lab):
+    a cryptographic source, never numpy's generator, and seekable (draw k uses stream
+    words 2k and 2k+1). Box-Muller on 53-bit uniforms; at the sigmas DP uses here
+    (2^20 units and more) the rounded Gaussian is the discrete Gaussian to within a
+    negligible distance."""
+    words = crypto.keystream_u64(key, b"noise\x00" + lab, 2 * start, 2 * count).reshape(count, 2)
+    u1 = ((words[:, 0] >> np.uint64(11)).astype(np.float64) + 1.0) * 2.0 ** -53  # (0, 1]: log is finite
+    u2 = (words[:, 1] >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
     return np.rint(np.sqrt(-2.0 * np.log(u1)) * np.cos(2.0 * np.pi * u2) * sigma).astype(np.int64)
+
+
+# --------------------------------------------------------------------------- sharded aggregation
+REPLICAS = 2  # sites that sum each slice; their results must agree by hash
+
+
+def slices(secure: Mapping[tuple, list[str]], n: int) -> list[list[tuple[int, int, int]]]:
+    """The flat concatenation of the secure tensors (in key order) cut into n slices of
+    about equal size: slice j is a list of (tensor index, first word, end word)."""
+    sizes = [int(np.prod(shape, dtype=np.int64)) for _, shape in secure]
+    total = sum(sizes)
+    bounds = [total * j // n for j in range(n + 1)]
+    out: list[list[tuple[int, int, int]]] = [[] for _ in range(n)]
+    offset = 0
+    for i, size in enumerate(sizes):
+        for j in range(n):
+            a, b = max(bounds[j], offset), min(bounds[j + 1], offset + size)
+            if a < b:
+                out[j].append((i, a - offset, b - offset))
+        offset += size
+    return out
+
+
+def slice_count(secure: Mapping[tuple, list[str]], sites: int, max_words: int) -> int:
+    """As many slices as key-sealed sites (each site then sums about REPLICAS slices),
+    more if a slice would not fit one masked shard of `max_words` words."""
+    total = sum(int(np.prod(shape, dtype=np.int64)) for _, shape in secure)
+    return max(sites, -(-total // max_words), 1)
+
+
+def entry_name(index: int, start: int) -> str:
+    """A slice's piece of secure tensor `index` from word `start` on (sorts in order)."""
+    return f"g{index:06d}@{start:012d}"
+
+
+def owners(seal_sha: str, j: int, contributors) -> list[str]:
+    """Contributors ranked for slice j of the round sealed by `seal_sha`: the first
+    REPLICAS sum it, the next step in when they disagree or are late (docs/design.md 7.9).
+    A ranking by hash spreads the slices evenly and no site can choose its own."""
+    return sorted(contributors, key=lambda s: crypto.sha256_hex(f"{seal_sha}/{j}/{s}".encode()))

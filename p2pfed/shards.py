@@ -36,6 +36,7 @@ from .merge import LAYER_MODES, Layer, as_float32, canonical_layers, check_layou
 FORMAT_VERSION = 1
 METADATA_KEY = "p2pfed"
 DEFAULT_MAX_BYTES = schema.SHARD_TENSOR_BYTES  # readers refuse larger shards (layout.KINDS caps)
+MASKED_MAX_BYTES = 2 * DEFAULT_MAX_BYTES  # uint64 words of secure aggregation: as many shards as float32
 
 Loader = Callable[[str, int], bytes]
 Sink = Callable[[str, int, bytes], None]
@@ -61,6 +62,12 @@ def layer_shards(layers: Sequence[tuple[str, Layer]], max_bytes: int = DEFAULT_M
         chunks.append(chunker.add(skey, layer))
     chunks.append(chunker.flush())
     return [_serialize(chunk) for chunk in chunks if chunk]
+
+
+def one_shard(layers: Sequence[tuple[str, Layer]]) -> bytes:
+    """(structural key or entry name, Layer) items as exactly one shard, also when empty
+    (a sharded secure round: one masked shard per slice, docs/design.md 7.9)."""
+    return _serialize(layers)
 
 
 class _Chunker:

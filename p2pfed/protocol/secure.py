@@ -28,6 +28,7 @@ from ..faults import crash_point
 from ..merge import Layer, canonical_layers
 from ..objects import read_json
 from ..site import atomic_write
+from . import sharded
 from .contribution import declared_cases, parse_commit, read_contribution, read_shard_plain, weight_shares
 from .wait import Wait
 
@@ -55,7 +56,10 @@ def publish_keys(t, r: int, weights_layout) -> str:
     """Publish this site's key material of round r (made once and kept in the site home
     first: a tick killed after the write re-publishes the very same bytes). `weights_layout()`
     gives the layout of the model this site trains from."""
-    key = layout.secagg_keys(r, t.site)
+    key, parts = layout.secagg_keys(r, t.site), t.view.participants_of(r)
+    if len(parts) < secagg.MIN_GROUP:  # a sum of two tells each the other's update
+        raise Wait("round", f"round {r}: secure aggregation needs at least {secagg.MIN_GROUP} participants, round {r} "
+                            f"has {len(parts)} ({', '.join(parts)}); admit another site to go on", [], rnd=r)
     if t.state.get("keys_published") == r and t.view.has(key):
         return ""
     kept = _secrets(t, r) or _make_secrets(t, r, weights_layout())
@@ -175,8 +179,8 @@ def _weights(t, keys) -> dict[str, Fraction]:
 
 # --------------------------------------------------------------------------- 3. masked upload
 def upload(t, r: int, weights, meta: dict, base: str | None, base_weights) -> str | None:
-    """Mask this site's model and upload it: shards of masked words, meta, then the commit.
-    Returns why it does not (None: uploaded)."""
+    """Mask this site's model and upload it: shards of masked words (sharded rounds: one
+    per slice), meta, then the commit. Returns why it does not (None: uploaded)."""
     keys = _u1(t, r) if t.site in key_seal(t, r)["keys"] else None
     if keys is None:
         return f"round {r}'s key material was sealed without this site; it takes part again next round"
@@ -187,40 +191,60 @@ def upload(t, r: int, weights, meta: dict, base: str | None, base_weights) -> st
                          "the local training changed the network; restore the plan and retrain")
     if t.s.max_update_norm is not None and base_weights is not None:
         _check_own_update(r, own, base_weights, t.s.max_update_norm)
-    kept = _secrets(t, r)
-    private = crypto.unb64(kept["mask_private"], "secrets")
     if t.s.dp:
         own = _clip_update(own, base_weights, t.s.dp_clip)
-    share = _shares(t, r, keys)[t.site]
-    pair = {p: crypto.pair_mask_key(private, keys[p].public, _pair_ctx(t, r, t.site, p)) for p in keys if p != t.site}
-    self_key = crypto.self_mask_key(crypto.unb64(kept["seed"], "secrets"), _ctx(t, r, t.site))
-    noise_key = crypto.unb64(kept["noise"], "secrets")
-    items, clipped = [], 0
-    for skey, layer in sorted(own.items()):
-        group = secure.get((skey, layer.array.shape))
-        if group is None:
-            continue  # merged securely by no one: stays local
-        words, c = secagg.encode(layer.array, share)
-        clipped += c
-        lab = secagg.label(skey, layer.array.shape)
-        if t.s.dp:
-            np.add(words, secagg.noise(noise_key, lab, words.size, _noise_units(t, len(keys))).view(np.uint64),
-                   out=words)
-        masker = secagg.Masker(secagg.mask_keys(t.site, {p: pair[p] for p in group if p != t.site}, self_key))
-        items.append((skey, Layer(layer.names, masker.apply(words, lab).reshape(layer.array.shape))))
-    if clipped:
-        t.say(f"round {r}: {clipped} value(s) outside +-{secagg.CLIP:g} were clipped before masking")
-    from ..shards import DEFAULT_MAX_BYTES, layer_shards
+    mask = _Mask(t, r, keys)
+    if sharded.on(t, keys):
+        blobs = sharded.masked_shards(secure, len(keys), own, t.site, mask)
+    else:
+        from ..shards import MASKED_MAX_BYTES, layer_shards
 
-    refs, blobs = [], layer_shards(items, 2 * DEFAULT_MAX_BYTES)  # as many shards as the plain upload
+        items = [(skey, Layer(layer.names, mask.words(skey, layer.array, 0, layer.array.size)
+                              .reshape(layer.array.shape)))
+                 for skey, layer in sorted(own.items()) if (skey, layer.array.shape) in secure]
+        blobs = layer_shards(items, MASKED_MAX_BYTES)  # a tensor in no secure group stays local
+    if mask.clipped:
+        t.say(f"round {r}: {mask.clipped} value(s) outside +-{secagg.CLIP:g} were clipped before masking")
+    refs = []
     for i, blob in enumerate(blobs):
         key = layout.masked(r, t.site, crypto.sha256_hex(blob))
         refs.append({"key": key, "sha256": t.write.envelope(key, "masked", blob, round=r)})
         crash_point("upload")
         if t.progress:
             t.progress("upload", i + 1, len(blobs))
-    _commit(t, r, {**meta, "round": r, "base": base, "clipped": clipped}, refs, base)
+    _commit(t, r, {**meta, "round": r, "base": base, "clipped": mask.clipped}, refs, base)
     return None
+
+
+class _Mask:
+    """What this site adds to its fixed-point words of round r: its self mask, the
+    pairwise masks with the other members of each tensor's secure group, and with DP
+    its noise. Every stream is seekable: any range of a tensor is masked on its own."""
+
+    def __init__(self, t, r: int, keys: dict):
+        kept = _secrets(t, r)
+        private = crypto.unb64(kept["mask_private"], "secrets")
+        self.site, self.clipped = t.site, 0
+        self.share = _shares(t, r, keys)[t.site]
+        self.secure = secagg.groups({s: k.layout for s, k in keys.items()}, t.s.layers)
+        self.pair = {p: crypto.pair_mask_key(private, keys[p].public, _pair_ctx(t, r, t.site, p))
+                     for p in keys if p != t.site}
+        self.self_key = crypto.self_mask_key(crypto.unb64(kept["seed"], "secrets"), _ctx(t, r, t.site))
+        self.noise = (crypto.unb64(kept["noise"], "secrets"), _noise_units(t, len(keys))) if t.s.dp else None
+
+    def words(self, skey: str, array: np.ndarray, start: int, end: int) -> np.ndarray:
+        """Masked words of elements start..end of `array` (flattened)."""
+        shape = tuple(array.shape)
+        words, c = secagg.encode(array.ravel()[start:end], self.share)
+        self.clipped += c
+        lab = secagg.label(skey, shape)
+        if self.noise is not None:
+            np.add(words, secagg.noise(self.noise[0], lab, words.size, self.noise[1], start).view(np.uint64),
+                   out=words)
+        group = self.secure[(skey, shape)]
+        masker = secagg.Masker(secagg.mask_keys(self.site, {p: self.pair[p] for p in group if p != self.site},
+                                                self.self_key))
+        return masker.apply(words, lab, start)
 
 
 def _commit(t, r: int, meta: dict, refs: list, base: str | None) -> None:
@@ -368,7 +392,8 @@ def _checked(t, r: int, k: Keys, shares: dict[int, bytes], kind: str) -> bytes:
 
 
 def aggregate(t, r: int, seal: dict) -> tuple[dict[tuple, np.ndarray], dict[str, Keys], list[str]]:
-    """Sealed round r, unmasked: (secure tensor (key, shape) -> float32 mean, U1, contributors)."""
+    """Sealed round r, unmasked: (secure tensor (key, shape) -> float32 mean, U1, contributors).
+    A sharded round sums slices of it here and reads the others' slices (p2pfed/protocol/sharded.py)."""
     keys, contributors = _u1(t, r), sorted(seal["contributions"])
     secure = secagg.groups({s: k.layout for s, k in keys.items()}, t.s.layers)
     bad = secagg.group_sizes_ok(secure, contributors)
@@ -378,62 +403,74 @@ def aggregate(t, r: int, seal: dict) -> tuple[dict[tuple, np.ndarray], dict[str,
     did = reveal(t, r, keys, contributors)
     if did:
         t.say(did)
-    secrets = recover(t, r, keys, contributors)
-    sums = _sums(t, r, seal, secure, contributors)
-    w, out = _weights(t, keys), {}
-    for (skey, shape), group in secure.items():
-        members = [s for s in group if s in contributors]
-        if not members:
-            continue
-        out[(skey, shape)] = _unmask(t, r, sums[(skey, shape)], (skey, shape), group, members, keys, secrets,
-                                     float(sum(w.values()) / sum(w[s] for s in members)))
+    unmask = Unmasker(t, r, keys, contributors, secure)
+    if sharded.on(t, keys):
+        return sharded.aggregate(t, r, seal, secure, unmask), keys, contributors
+    sums = masked_sums(t, r, seal, contributors, lambda site, commit: (
+        commit.shards, {k for k, g in secure.items() if site in g}))
+    out = {}
+    for k in unmask.factors:
+        out[k] = unmask(k, sums[k], 0).reshape(k[1])
+        out[k].flags.writeable = False
     return out, keys, contributors
 
 
-def _sums(t, r: int, seal: dict, secure: dict, contributors: list[str]) -> dict[tuple, np.ndarray]:
-    """The sum modulo 2^64 of the contributors' masked words, per secure tensor."""
+def masked_sums(t, r: int, seal: dict, contributors: list[str], expect) -> dict:
+    """The sum modulo 2^64 of the contributors' masked words, per entry (a secure tensor,
+    or in a sharded round a tensor's piece of a slice). `expect(site, commit)` gives the
+    shard refs to read and the set of (entry name, shape) they must hold, exactly."""
     from ..shards import read_shard
 
-    sums: dict[tuple, np.ndarray] = {}
+    sums: dict = {}
     for site in contributors:
         try:
             c = read_contribution(t.view, t.me, r, site, seal["contributions"][site], None, kind="masked")
-            expect = {k for k, g in secure.items() if site in g}
+            refs, want = expect(site, c.commit)
             seen = set()
-            for i, ref in enumerate(c.commit.shards):
+            for i, ref in enumerate(refs):
                 blob = read_shard_plain(t.view, t.me, r, site, ref, kind="masked")
-                for skey, layer in read_shard(blob, f"site {site!r} masked shard {i}", "U64"):
-                    k = (skey, tuple(layer.array.shape))
-                    if k not in expect or k in seen:
-                        raise ContributionRejected(f"site {site!r}: masked tensor {skey!r} is not one it must mask")
+                for name, layer in read_shard(blob, f"site {site!r} masked shard {i}", "U64"):
+                    k = (name, tuple(layer.array.shape))
+                    if k not in want or k in seen:
+                        raise ContributionRejected(f"site {site!r}: masked entry {name!r} is not one it must send")
                     seen.add(k)
                     acc = sums.setdefault(k, np.zeros(layer.array.size, dtype=np.uint64))
                     np.add(acc, layer.array.ravel(), out=acc)
-            if seen != expect:
-                raise ContributionRejected(f"site {site!r}: lacks {len(expect - seen)} masked tensor(s)")
+            if len(seen) != len(want):
+                raise ContributionRejected(f"site {site!r}: lacks {len(want) - len(seen)} masked tensor(s)")
         except ContributionRejected as exc:  # sealed: excluding it now would need both its secrets
             raise FederationHalted(f"round {r}: {exc.message}", "the named site must fix its node; "
                                    "a sealed secure round cannot leave anyone out") from None
     return sums
 
 
-def _unmask(t, r: int, total: np.ndarray, k: tuple, group, members, keys, secrets, factor: float) -> np.ndarray:
-    skey, shape = k
-    lab, out = secagg.label(skey, shape), total.copy()
-    remove = [(crypto.self_mask_key(secrets[s], _ctx(t, r, s)), 1) for s in members]
-    for d in (s for s in group if s not in members):  # dropped: the masks its peers added with it
-        remove += [(crypto.pair_mask_key(secrets[d], keys[i].public, _pair_ctx(t, r, i, d)), secagg.sign(i, d))
-                   for i in members]
-    out = secagg.Masker(remove).apply(out, lab, direction=-1)
-    merged = secagg.decode(out, factor).astype(np.float32).reshape(shape)
-    merged.flags.writeable = False
-    return merged
+class Unmasker:
+    """Turns summed masked words of a secure tensor back into its float32 mean: removes the
+    contributors' self masks and the pairwise masks between contributors and dropped sites,
+    then decodes. The secrets are reconstructed on first use (which may wait for reveals)."""
+
+    def __init__(self, t, r: int, keys: dict, contributors: list[str], secure: dict):
+        self.t, self.r, self.keys, self.contributors, self.secure = t, r, keys, contributors, secure
+        w = _weights(t, keys)
+        total = sum(w.values())
+        self.factors = {k: float(total / sum(w[s] for s in g if s in contributors))
+                        for k, g in secure.items() if any(s in contributors for s in g)}
+        self._secrets = None
+
+    def __call__(self, k: tuple, total: np.ndarray, start: int) -> np.ndarray:
+        t, r = self.t, self.r
+        if self._secrets is None:
+            self._secrets = recover(t, r, self.keys, self.contributors)
+        group = self.secure[k]
+        members = [s for s in group if s in self.contributors]
+        remove = [(crypto.self_mask_key(self._secrets[s], _ctx(t, r, s)), 1) for s in members]
+        for d in (s for s in group if s not in members):  # dropped: the masks its peers added with it
+            remove += [(crypto.pair_mask_key(self._secrets[d], self.keys[i].public, _pair_ctx(t, r, i, d)),
+                        secagg.sign(i, d)) for i in members]
+        words = secagg.Masker(remove).apply(total, secagg.label(*k), start, direction=-1)
+        return secagg.decode(words, self.factors[k]).astype(np.float32)
 
 
 def result_hash(merged: dict[tuple, np.ndarray]) -> str:
     """What every participant's merge record compares: the hash of the unmasked sum."""
     return crypto.hash_json([[skey, list(shape), crypto.sha256_hex(a.tobytes())] for (skey, shape), a in merged.items()])
-
-
-def parse_masked_commit(site: str, r: int, body: dict):
-    return parse_commit(site, r, body, kind="masked")

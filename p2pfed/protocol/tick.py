@@ -81,8 +81,10 @@ class Tick:
             self.report.message = f"waiting for a member to admit {self.site!r} (p2pfed admit {self.site} ...)"
             self.report.waiting_for = sorted(self.fed.members)
             return self.report
-        if self.site in self.fed.members_at(self.state.get("round", 0)):
-            self.adopt_keys(self.state.get("round", 0))  # before this site shares anything
+        r = self.state.get("round", 0)
+        if self.site in self.fed.members_at(r):  # before this site shares anything; but round r-1's
+            # objects are sealed to the old keys: a merge of it that waits (reveals) still needs them
+            self.adopt_keys(min(r, self.state.get("merged_upto", r - 1) + 1))
         merge.recheck_head(self)  # the chain this site adopted, also once finished
         if not self.state.get("finished"):
             check_versions(self.fed)  # before this site shares or merges anything
