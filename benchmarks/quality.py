@@ -56,7 +56,7 @@ PLAIN = ["--no-secure-aggregation"]
 # Distributed DP at one setting (docs/benchmark.md, "Secure aggregation and differential
 # privacy"): C near the L2 norm of one site's per-round update at the default preset, Z for
 # a visible but not destructive effect.
-DP_CLIP, DP_NOISE_MULTIPLIER, DP_DELTA = 5.0, 0.001, 1e-5
+DP_CLIP, DP_NOISE_MULTIPLIER, DP_DELTA = 15.0, 0.001, 1e-5
 FEDERATED = {"FFE": ["--mode", "ffe", *PLAIN], "AsymFedAvg": ["--mode", "asym", *PLAIN],
              "AsymFedAvg-ref": ["--mode", "asym", "--weighting", "uniform", "--layers", "intersection", *PLAIN],
              "FFE+SecAgg": ["--mode", "ffe", "--secure-aggregation"],

@@ -7,20 +7,24 @@ weights are float32 arrays shaped like a small nnU-Net (benchmarks/secagg.py's U
 tensors, exactly --params parameters, default 1 M; `--params 0`: factory's three-tensor
 model), and "training" adds seeded noise. Setup (declare, fingerprint, plan) runs first,
 counted apart; then every site ticks round-robin, in-process, until all have finished.
-Per variant (`VARIANTS`: plain, secure aggregation; sharded once p2pfed has it) and N:
+Per variant (`VARIANTS`: plain; secure: secure aggregation, every site merging every
+masked upload; sharded: secure aggregation, sharded from 3 sites) and N:
 
 - up / down: bytes a site uploads (put_new) and downloads (get) per round, mean and
-  max over sites: everything from its first round tick to its finish (so the final merge
-  and the final metrics too) over --rounds;
+  max over sites: everything from its first round tick to its finish (so round 1's
+  download of the initial model, the final merge and the final metrics too) over --rounds;
 - requests: storage requests (get, exists, list_prefix, put_new, counted as in
-  benchmarks/idle_requests.py) per tick: idle (a tick that did nothing: waiting for the
-  others in a round) and working (a tick with at least one action), mean over ticks;
+  benchmarks/idle_requests.py) per tick, mean over ticks: idle (no action and no write:
+  waiting for the others; site0 ticks once more whenever it waits, and that extra tick
+  counts here only) and working (an action, or a write: a reveal comes without one);
   `listed` is the mean number of keys an idle tick's listings returned (on S3 a LIST
   request returns at most 1000 keys);
 - round s: wall time of a round, from its opening (round 1: the first round tick; round
   r: the tick that sealed r-1) to the end of the tick after which every site has merged
   it, mean over rounds, summing the time spent inside ticks (the sites tick one after
-  the other on one machine: this is N sites' work, not one site's);
+  the other on one machine: this is N sites' work, not one site's); `round CPU s` the
+  same in CPU seconds of the ticking process (time.process_time: less sensitive to a
+  loaded machine);
 - peak RSS: the last site ticks in a fresh process, as cron runs it
   (`scale.py --child`); its largest VmHWM over its ticks, and the largest growth over
   the RSS the process had before its tick (interpreter, numpy, p2pfed imported).
@@ -44,6 +48,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -60,19 +65,23 @@ for p in (str(ROOT), str(TESTS)):
         sys.path.append(p)
 
 import factory  # noqa: E402  (tests/factory.py)
-from p2pfed import storage  # noqa: E402
+from p2pfed import layout, storage  # noqa: E402
 from p2pfed.federation import Settings  # noqa: E402
 from p2pfed.protocol import Trained  # noqa: E402
 from p2pfed.site import SiteHome  # noqa: E402
 
 # --------------------------------------------------------------------------- variants
+_FIELDS = {f.name for f in dataclasses.fields(Settings)}
+# `secure` is full aggregation: every site merges every masked upload. Since sharded
+# aggregation (docs/design.md 7.9) a secure round of `sharded_from` key-sealed sites or more
+# (default 8) is sharded: `secure` sets it out of reach (a checkout before it needs nothing).
+_NEVER_SHARDED = {"sharded_from": 10**6} if "sharded_from" in _FIELDS else {}
 # Federation settings of each variant (besides factory.make's defaults and --rounds).
 VARIANTS = {
     "plain": {"secure_aggregation": False},
-    "secure": {"secure_aggregation": True},
-    # ---- sharded aggregation: add it here once p2pfed's Settings has `shard_from` ----
-    # (sharded aggregation is used in a round whose contributors are at least shard_from)
-    # "sharded": {"secure_aggregation": True, "shard_from": 2},
+    "secure": {"secure_aggregation": True, **_NEVER_SHARDED},
+    # ---- sharded aggregation: a secure round of at least max(sharded_from, 3) sites is sharded ----
+    "sharded": {"secure_aggregation": True, "sharded_from": 2},
 }
 DEFAULT_VARIANTS = "plain,secure"
 MIN_SECURE = 3  # a secure group has at least 3 sites
@@ -177,14 +186,14 @@ def child(home: str, site: str, params: int) -> None:
 
     before = _status_mib("VmRSS")
     counter.on = True
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     with SiteHome(home, site).lock():
         home_, config, fed = node.open_site(home, site, cached=True)
         report = Tick(home_, config, fed, trainer=trainer(site, home_)).run()
-    tick_s = time.perf_counter() - started
+    tick_s, cpu_s = time.perf_counter() - started, time.process_time() - cpu
     counter.on = False
     print(json.dumps(report.to_json()))
-    print(json.dumps({**counter.snapshot(), "tick_s": tick_s, "rss_before_mib": before,
+    print(json.dumps({**counter.snapshot(), "tick_s": tick_s, "cpu_s": cpu_s, "rss_before_mib": before,
                       "peak_rss_mib": _status_mib("VmHWM")}), file=sys.stderr)
 
 
@@ -195,6 +204,7 @@ class TickRecord:
     phase: str
     actions: list
     tick_s: float
+    cpu_s: float
     counts: dict
     rss: dict | None = None
 
@@ -227,21 +237,23 @@ def one_run(variant: str, n: int, args, counter: Counter, url_of, endpoint) -> d
                 report, fig = run_child(fed, site, args.params)
                 counts = {k: fig[k] for k in ("requests", "by_kind", "up", "down", "listed")}
                 rss = {"peak_mib": fig["peak_rss_mib"], "growth_mib": fig["peak_rss_mib"] - fig["rss_before_mib"]}
-                return TickRecord(site, report.phase, report.actions, fig["tick_s"], counts, rss), report
+                return TickRecord(site, report.phase, report.actions, fig["tick_s"], fig["cpu_s"], counts, rss), report
             counter.reset()
             counter.on = True
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             try:
                 report = fed.run(site, trainer, **({"stop_after": stop_after} if stop_after else {}))
             finally:
                 counter.on = False
             return TickRecord(site, report.phase, report.actions, time.perf_counter() - started,
-                              counter.snapshot()), report
+                              time.process_time() - cpu, counter.snapshot()), report
 
         # setup: declare, fingerprint, plan, initial model (round-robin, counted apart)
         t0 = time.perf_counter()
         setup = collections.defaultdict(lambda: {"up": 0, "down": 0, "requests": 0})
-        for _ in range(4):
+        for _ in range(8):  # until the initial model is sealed (4 sweeps for 3 sites)
+            if fed.storage.exists(layout.seal(0)):
+                break
             for s in fed.sites:
                 rec, _ = tick(s, stop_after="initial model")
                 for k in ("up", "down", "requests"):
@@ -249,10 +261,11 @@ def one_run(variant: str, n: int, args, counter: Counter, url_of, endpoint) -> d
         setup_s = time.perf_counter() - t0
 
         # rounds: round-robin until every site has finished
-        clock, opened, closed, sweeps = 0.0, {1: 0.0}, {}, 0
+        clock, opened, closed, sweeps = (0.0, 0.0), {1: (0.0, 0.0)}, {}, 0
         merged = {s: 0 for s in fed.sites}  # merged_upto of each site
         per_site = {s: {"up": 0, "down": 0, "requests": 0, "ticks": 0} for s in fed.sites}
         records: list[TickRecord] = []
+        idle_extra: list[TickRecord] = []  # site0's extra ticks while it waits: neither bytes nor clock
         finished: set[str] = set()
         t0 = time.perf_counter()
         while len(finished) < n:
@@ -263,22 +276,31 @@ def one_run(variant: str, n: int, args, counter: Counter, url_of, endpoint) -> d
                 if s in finished:
                     continue
                 rec, report = tick(s)
-                records.append(rec)
-                clock += rec.tick_s
-                for k in ("up", "down", "requests"):
-                    per_site[s][k] += rec.counts[k]
-                per_site[s]["ticks"] += 1
-                if report.finished:
-                    finished.add(s)
-                _rounds_seen(s, SiteHome(fed.home, s).state(), merged, opened, closed, clock, args.rounds)
+                while True:
+                    records.append(rec)
+                    clock = (clock[0] + rec.tick_s, clock[1] + rec.cpu_s)
+                    for k in ("up", "down", "requests"):
+                        per_site[s][k] += rec.counts[k]
+                    per_site[s]["ticks"] += 1
+                    if report.finished:
+                        finished.add(s)
+                    _rounds_seen(s, SiteHome(fed.home, s).state(), merged, opened, closed, clock, args.rounds)
+                    if s != fed.sites[0] or report.finished or not report.waiting_for:
+                        break
+                    # site0 waits for the others: what its next cron tick costs (apart, if it is idle)
+                    rec, report = tick(s)
+                    if not _worked(rec):
+                        idle_extra.append(rec)
+                        break
             print(f"  [{variant} n={n}] sweep {sweeps}: {len(finished)} finished, "
                   f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         rounds_s = time.perf_counter() - t0
 
-        idle = [r for r in records if not r.actions]
-        working = [r for r in records if r.actions]
+        idle = [r for r in records if not _worked(r)] + idle_extra
+        working = [r for r in records if _worked(r)]
         rss = [r.rss for r in records if r.rss]
-        walls = [closed[r] - opened[r] for r in sorted(closed) if r in opened]
+        walls = [closed[r][0] - opened[r][0] for r in sorted(closed) if r in opened]
+        cpus = [closed[r][1] - opened[r][1] for r in sorted(closed) if r in opened]
         up = [per_site[s]["up"] / args.rounds for s in fed.sites]
         down = [per_site[s]["down"] / args.rounds for s in fed.sites]
         kinds = collections.Counter()
@@ -286,30 +308,47 @@ def one_run(variant: str, n: int, args, counter: Counter, url_of, endpoint) -> d
             kinds.update(r.counts["by_kind"])
         return {
             "variant": variant, "sites": n, "rounds": args.rounds, "params": args.params, "storage": args.storage,
-            "up_mean": statistics.mean(up), "up_max": max(up), "down_mean": statistics.mean(down),
-            "down_max": max(down),
+            "up_mean": statistics.mean(up), "up_max": max(up), "up_max_site": fed.sites[up.index(max(up))],
+            "down_mean": statistics.mean(down), "down_max": max(down),
+            "down_max_site": fed.sites[down.index(max(down))],
             "setup_up_mean": statistics.mean(v["up"] for v in setup.values()),
             "setup_down_mean": statistics.mean(v["down"] for v in setup.values()),
             "idle_ticks": len(idle), "working_ticks": len(working),
             "idle_requests": _mean([r.counts["requests"] for r in idle]),
             "idle_requests_max": max((r.counts["requests"] for r in idle), default=None),
             "idle_listed": _mean([r.counts["listed"] for r in idle]),
+            "idle_by_kind": dict(collections.Counter(k for r in idle for k, c in r.counts["by_kind"].items()
+                                                     for _ in range(c))),
+            "idle_down_mean": _mean([r.counts["down"] for r in idle]),
+            "idle_tick_s_mean": _mean([r.tick_s for r in idle]),
             "working_requests": _mean([r.counts["requests"] for r in working]),
             "working_requests_max": max((r.counts["requests"] for r in working), default=None),
             "working_by_kind": {k: round(v / len(working), 1) for k, v in kinds.items()} if working else {},
             "round_s": [round(w, 2) for w in walls], "round_s_mean": _mean(walls),
+            "round_cpu_s": [round(c, 2) for c in cpus], "round_cpu_s_mean": _mean(cpus),
             "tick_s_mean": _mean([r.tick_s for r in records]),
             "working_tick_s_max": max((r.tick_s for r in working), default=None),
+            "working_tick_cpu_s_mean": _mean([r.cpu_s for r in working]),
             "sweeps": sweeps, "ticks_per_site": _mean([v["ticks"] for v in per_site.values()]),
             "peak_rss_mib": max((x["peak_mib"] for x in rss), default=None),
             "rss_growth_mib": max((x["growth_mib"] for x in rss), default=None),
+            "ticks": [{"site": r.site, "idle_extra": extra, "actions": r.actions, "s": round(r.tick_s, 3),
+                       "cpu_s": round(r.cpu_s, 3), **{k: r.counts[k] for k in ("requests", "up", "down", "listed")},
+                       "by_kind": r.counts["by_kind"], **({"rss": r.rss} if r.rss else {})}
+                      for extra, group in ((False, records), (True, idle_extra)) for r in group],
             "make_s": round(make_s, 1), "setup_s": round(setup_s, 1), "rounds_s": round(rounds_s, 1),
         }
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _rounds_seen(site: str, state: dict, merged: dict, opened: dict, closed: dict, clock: float,
+def _worked(rec: TickRecord) -> bool:
+    """A working tick did something: an action, or a write (a reveal is written by a tick
+    that reports no action)."""
+    return bool(rec.actions) or rec.counts["by_kind"].get("put_new", 0) > 0
+
+
+def _rounds_seen(site: str, state: dict, merged: dict, opened: dict, closed: dict, clock: tuple,
                  rounds: int) -> None:
     """After `site`'s tick (only its own state can have changed): round r opens when some
     site has entered it (the seal of r-1 is out); it closes when every site has merged it."""
@@ -336,15 +375,15 @@ def _num(x, fmt="{:.1f}") -> str:
 
 def table(rows: list[dict]) -> str:
     head = ["variant", "sites", "up MiB/site/round mean", "up max", "down MiB/site/round mean", "down max",
-            "req idle tick", "req working tick", "listed keys idle", "round s", "sweeps", "peak RSS MiB",
+            "req idle tick", "req working tick", "listed keys idle", "round s", "round CPU s", "sweeps", "peak RSS MiB",
             "RSS growth MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([
             r["variant"], str(r["sites"]), _mib(r["up_mean"]), _mib(r["up_max"]), _mib(r["down_mean"]),
-            _mib(r["down_max"]), _num(r["idle_requests"]), _num(r["working_requests"]), _num(r["idle_listed"], "{:.0f}"),
-            _num(r["round_s_mean"], "{:.2f}"), str(r["sweeps"]), _num(r["peak_rss_mib"], "{:.0f}"),
-            _num(r["rss_growth_mib"], "{:.0f}")]) + " |")
+            _mib(r["down_max"]), _num(r["idle_requests"]), _num(r["working_requests"]),
+            _num(r["idle_listed"], "{:.0f}"), _num(r["round_s_mean"], "{:.2f}"), _num(r["round_cpu_s_mean"], "{:.2f}"),
+            str(r["sweeps"]), _num(r["peak_rss_mib"], "{:.0f}"), _num(r["rss_growth_mib"], "{:.0f}")]) + " |")
     return "\n".join(lines)
 
 
@@ -372,14 +411,14 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
-    fields = {f.name for f in dataclasses.fields(Settings)}
     for v in variants:
-        missing = set(VARIANTS[v]) - fields
+        missing = set(VARIANTS[v]) - _FIELDS
         if missing:
             ap.error(f"variant {v}: this p2pfed's Settings has no {', '.join(sorted(missing))}")
     if any(VARIANTS[v].get("secure_aggregation") for v in variants) and min(args.sites) < MIN_SECURE:
         ap.error(f"secure aggregation needs at least {MIN_SECURE} sites")
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `kill`: the temporary folder goes too
     counter = Counter()
     counter.install()
     server = endpoint = None
@@ -394,20 +433,23 @@ def main() -> None:
             url_of = lambda: None  # noqa: E731  (factory.make: a folder in the run's temporary root)
         t0 = time.perf_counter()
         rows = []
-        for v in variants:
-            for n in args.sites:
+        for n in args.sites:  # every variant at N before the next N: a cut-short run compares
+            for v in variants:
                 started = time.perf_counter()
                 row = one_run(v, n, args, counter, url_of, endpoint)
                 row["wall_s"] = round(time.perf_counter() - started, 1)
                 rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)  # progress
+                print(json.dumps({k: v for k, v in row.items() if k != "ticks"}), file=sys.stderr,
+                      flush=True)  # progress
         total = time.perf_counter() - t0
     machine = {"cpus": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
                "processor": platform.processor() or platform.machine()}
+    rows.sort(key=lambda r: (variants.index(r["variant"]), r["sites"]))
     print(table(rows))
     print(f"\ntotal wall {total:.0f} s; {args.storage} storage; model {args.params} parameters; {args.rounds} rounds. "
           "up/down: payload bytes per site per round (rounds and final; setup apart); req: storage requests per "
-          "tick; round s: tick time from a round's opening until every site merged it (all N sites' ticks); "
+          "tick; round s / CPU s: wall / CPU time inside ticks from a round's opening until every site merged it "
+          "(all N sites' ticks, one after the other); "
           f"peak RSS: the last site's ticks, each in a fresh process")
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "total_s": round(total), "rows": rows}, indent=1))
