@@ -104,3 +104,18 @@ def test_a_tampered_slice_sum_is_read_from_the_other_owner(tmp_path):
     fed.run_all()
     want = plain_merge(fed, 1, fed.sites)
     assert all(equals_plain(merged_model(fed, s, 1), want) for s in fed.sites)
+
+
+def test_slices_cover_every_word_once_and_owners_spread_evenly():
+    secure = {("a", (7, 3)): ["s0", "s1", "s2"], ("b", (5,)): ["s0", "s1", "s2"], ("c", (100,)): ["s0", "s1", "s2"]}
+    for n in (1, 3, 10, 126):
+        cuts = secagg.slices(secure, n)
+        assert len(cuts) == n
+        covered = sorted((g, w) for cut in cuts for g, a, b in cut for w in range(a, b))
+        assert covered == [(g, w) for g, size in enumerate((21, 5, 100)) for w in range(size)]
+        assert max(sum(b - a for _, a, b in cut) for cut in cuts) <= -(-126 // n)
+    sites = [f"site{i}" for i in range(50)]
+    first = [secagg.owners("ab" * 32, j, sites)[:2] for j in range(50)]
+    load = {s: sum(s in pair for pair in first) for s in sites}
+    assert sum(load.values()) == 100 and max(load.values()) <= 8  # about two slices each
+    assert secagg.owners("ab" * 32, 3, sites) == secagg.owners("ab" * 32, 3, list(reversed(sites)))

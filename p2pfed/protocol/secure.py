@@ -135,21 +135,21 @@ def key_seal(t, r: int) -> dict:
     parts, opened, now = v.participants_of(r), v.opened_at(r), int(time.time())
     deadline, need = opened + t.s.deadline_s, secagg.minimum(len(parts), v.quorum_of(r))
     have, bad = {}, []
-    for s in parts:
-        if not v.has(layout.secagg_keys(r, s)):
-            continue
+    listed = [s for s in parts if v.has(layout.secagg_keys(r, s))]
+    due = len(listed) == len(parts) or (len(listed) >= need and now >= deadline)
+    for s in listed if due else ():  # read only once a key seal may be due: waiting reads nothing
         try:
             if read_keys(t, r, s) is not None:
                 have[s] = crypto.sha256_hex(v.resolve(layout.secagg_keys(r, s), "keys", s)[1])
         except ContributionRejected as exc:
             bad.append(exc.message)
-    if len(have) == len(parts) or (len(have) >= need and now >= deadline):
+    if due and (len(have) == len(parts) or (len(have) >= need and now >= deadline)):
         body = {"round": r, "keys": have, "reason": "all" if len(have) == len(parts) else "deadline",
                 "opened_at": opened, "sealed_at": now}
         t.write.claim(layout.key_seal(r), "keyseal", body)
         v.forget_key_seal(r)
         return v.key_seal(r)[1]
-    missing = [s for s in parts if s not in have]
+    missing = [s for s in parts if s not in (have if due else listed)]
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(deadline))
     raise Wait("round", f"round {r}/{t.s.rounds}: waiting for the key material of {', '.join(missing + bad)} "
                         f"(secure aggregation: {need} may go on after {when})", missing, deadline, rnd=r)
@@ -339,7 +339,12 @@ def recover(t, r: int, keys: dict[str, Keys], contributors) -> dict[str, bytes]:
     from `threshold` shares that match their dealer's commitments; else Wait."""
     parts = t.view.participants_of(r)
     need, got = secagg.threshold(len(parts)), {d: {} for d in keys}
-    for holder in sorted(keys):
+    listed = [s for s in sorted(keys) if t.view.has(layout.reveal(r, s))]
+    if len(listed) < need:  # too few to reconstruct anything: read none of them
+        waiting = [s for s in sorted(keys) if s not in listed]
+        raise Wait("round", f"round {r}: unmasking needs {need} reveals, has {len(listed)}: "
+                            f"waiting for {', '.join(waiting)}", waiting, rnd=r)
+    for holder in listed:
         body = _read_reveal(t, r, holder)
         if body is None:
             continue

@@ -61,6 +61,12 @@ def aggregate(t, r: int, seal: dict, secure: dict, unmask) -> dict[tuple, np.nda
         if not wanted:
             continue
         ranked = secagg.owners(seal_sha, j, contributors)
+        listed = [s for s in ranked if t.view.has(layout.slice_hash(r, j, s))]
+        if len(listed) < min(secagg.REPLICAS, len(ranked)) and (
+                t.site in listed or t.site not in ranked[:_allowed(t, seal, {}, len(ranked))]):
+            waiting |= {s for s in ranked[:_allowed(t, seal, {}, len(ranked))] if s not in listed}
+            missing.append(j)  # nothing to agree on yet, nothing for this site to do: read nothing
+            continue
         published = _published(t, r, j, ranked)
         value = _agreed(published, ranked)
         allowed = ranked[:_allowed(t, seal, published, len(ranked))]
