@@ -180,6 +180,8 @@ class Walkthrough:
                     if command.startswith("p2pfed init "):
                         printed = re.search(r"Federation fingerprint:([0-9a-f\s]+)", output).group(1)
                         self.federation = "".join(printed.split())
+                    if command.startswith("p2pfed status ") and "Secure aggregation: on" not in output:
+                        raise Failed("the README's 3-site federation did not run with secure aggregation (the default)")
                     if command.startswith("p2pfed join "):  # a narrow console may wrap the groups
                         printed = re.search(r"Key fingerprint:([0-9a-f\s]+)", output).group(1)
                         self.fingerprints[site] = "".join(printed.split())

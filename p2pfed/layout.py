@@ -92,8 +92,10 @@ def key_seal(r: int) -> str:
 
 
 def masked(r: int, site: str, sha256: str) -> str:
-    """A shard of masked fixed-point words, named by the sha256 of its plaintext."""
-    return f"{round_dir(r)}/{site}/{sha256}.masked"
+    """A shard of masked fixed-point words, named by the sha256 of its plaintext. Outside
+    the round's folder: a sharded round has one per slice and site, N^2 objects, which no
+    tick lists (readers take their keys from the commits)."""
+    return f"masked/{r:05d}/{site}/{sha256}.masked"
 
 
 def reveal(r: int, site: str) -> str:
@@ -168,13 +170,16 @@ def unslot(key: str) -> tuple[str, int]:
 
 
 def round_of(key: str) -> int | None:
-    m = re.match(r"^rounds/(\d{5})/", key)
+    m = re.match(r"^(?:rounds|masked)/(\d{5})/", key)
     return int(m.group(1)) if m else None
 
 
 def folder(key: str) -> str:
     """The prefix a tick lists once to learn which keys near `key` exist: a round's
-    folder, or the first path component (epochs, fingerprints, plans, final)."""
+    folder (a site's masked shards of a round: their own), or the first path component
+    (epochs, fingerprints, plans, final)."""
+    if key.startswith("masked/"):
+        return key.rsplit("/", 1)[0]
     r = round_of(key)
     return round_dir(r) if r is not None else key.split("/", 1)[0] if "/" in key else ""
 
@@ -215,7 +220,7 @@ KINDS: list[tuple[re.Pattern, str, bool, int]] = [
     (re.compile(r"^plans/([^/]+)\.json$"), "plan-hash", False, _RECORD),
     (re.compile(r"^rounds/\d{5}/([^/]+)/[0-9a-f]{64}\.shard$"), "shard", True, _envelope("shard")),
     (re.compile(r"^rounds/\d{5}/([^/]+)/meta\.p2pf$"), "meta", True, _envelope("meta")),
-    (re.compile(r"^rounds/\d{5}/([^/]+)/[0-9a-f]{64}\.masked$"), "masked", True, _envelope("masked")),
+    (re.compile(r"^masked/\d{5}/([^/]+)/[0-9a-f]{64}\.masked$"), "masked", True, _envelope("masked")),
     (re.compile(r"^rounds/\d{5}/([^/]+)/keys\.p2pf$"), "keys", True, _envelope("keys")),
     (re.compile(r"^rounds/\d{5}/KEYS\.json$"), "keyseal", False, _RECORD),
     (re.compile(r"^rounds/\d{5}/([^/]+)/reveal\.p2pf$"), "reveal", True, _envelope("reveal")),

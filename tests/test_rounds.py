@@ -26,7 +26,9 @@ from test_membership import fed_fp
 
 pytestmark = pytest.mark.slow
 CRASH_POINTS = ["train", "upload", "commit", "seal", "merge", "final"]
-TINY = ["--configuration", "2d", "--rounds", "2", "--iterations-per-epoch", "2", "--val-iterations", "1"]
+# the plain protocol: secure rounds (the default from 3 sites) run real nnU-Net in test_walkthrough.py
+TINY = ["--configuration", "2d", "--rounds", "2", "--iterations-per-epoch", "2", "--val-iterations", "1",
+        "--no-secure-aggregation"]
 
 
 def tick_raw(sim: simulate.Simulation, site: str, crash: str | None = None) -> subprocess.CompletedProcess:

@@ -267,7 +267,7 @@ def test_a_reveal_for_the_wrong_kind_of_secret_is_refused(sealed):
 @pytest.mark.parametrize("what", ["masked", "keys", "keyseal"])
 def test_tampered_secure_objects_are_named(sealed, what):
     """The storage flips a byte in a masked shard, a site's key material or the key seal:
-    the next merge stops naming the object, and nothing is merged."""
+    the next site to read it stops naming the object, and it merges nothing."""
     key = {"masked": next(k for k in factory.keys(sealed) if k.endswith(".masked") and "/site1/" in k),
            "keys": layout.secagg_keys(1, "site1"), "keyseal": layout.key_seal(1)}[what]
     data = bytearray(sealed.path(key).read_bytes())
@@ -277,7 +277,7 @@ def test_tampered_secure_objects_are_named(sealed, what):
         for s in sealed.sites:  # the first sites reveal, and wait for enough reveals
             sealed.run(s)
     assert key in exc.value.message
-    assert not (sealed.home / "sites/site0/work/merged/00001/merged.json").exists()
+    assert not (sealed.home / "sites" / s / "work/merged/00001/merged.json").exists()
 
 
 JUNK_KEYS = [layout.secagg_keys(1, "site1"), layout.key_seal(1), layout.reveal(1, "site2")]

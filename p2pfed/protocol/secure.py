@@ -114,6 +114,11 @@ class Keys:
 
 def read_keys(t, r: int, site: str, sha: str | None = None) -> Keys | None:
     """`site`'s verified key material of round r (the bytes `sha` names, if given), or None."""
+    payload = _payload(t, r, site, sha)
+    return None if payload is None else Keys(site, payload, t.view.participants_of(r))
+
+
+def _payload(t, r: int, site: str, sha: str | None) -> dict | None:
     key = layout.secagg_keys(r, site)
     found = t.view.resolve(key, "keys", site) if sha is None else None
     blob = found[1] if found else (t.view.find(key, sha, layout.key_seal(r)) if sha else None)
@@ -122,7 +127,8 @@ def read_keys(t, r: int, site: str, sha: str | None = None) -> Keys | None:
     payload = read_json(t.fed, key, "keys", t.me, author=site, blob=blob, round=r)[1]
     if payload["round"] != r:
         raise ContributionRejected(f"site {site!r}: key material at {key} is for round {payload['round']}")
-    return Keys(site, payload, t.view.participants_of(r))
+    Keys(site, payload, t.view.participants_of(r))  # raises if malformed
+    return payload
 
 
 # --------------------------------------------------------------------------- 2. key seal
@@ -156,14 +162,21 @@ def key_seal(t, r: int) -> dict:
 
 
 def _u1(t, r: int) -> dict[str, Keys]:
-    ks = t.view.key_seal(r)[1]
-    out = {}
-    for s, sha in sorted(ks["keys"].items()):
+    """The key material the key seal of round r lists, verified once and then kept in the
+    site home (pinned by the key seal's hash): a waiting tick reads none of it again."""
+    sha, ks = t.view.key_seal(r)
+    kept = t.home.work("secure") / f"{r:05d}.u1.json"
+    parts = t.view.participants_of(r)
+    if kept.exists() and (cached := json.loads(kept.read_text()))["key_seal"] == sha:
+        return {s: Keys(s, payload, parts) for s, payload in cached["keys"].items()}
+    payloads = {}
+    for s, key_sha in sorted(ks["keys"].items()):
         try:
-            out[s] = read_keys(t, r, s, sha)
+            payloads[s] = _payload(t, r, s, key_sha)
         except ContributionRejected as exc:  # sealed by someone, though malformed: no one can mask with it
             raise FederationHalted(f"round {r}: the key seal lists unusable key material ({exc.message})") from None
-    return out
+    atomic_write(kept, json.dumps({"key_seal": sha, "keys": payloads}).encode())
+    return {s: Keys(s, payload, parts) for s, payload in payloads.items()}
 
 
 def _shares(t, r: int, keys: dict[str, Keys]) -> dict[str, float]:
@@ -411,6 +424,7 @@ def aggregate(t, r: int, seal: dict) -> tuple[dict[tuple, np.ndarray], dict[str,
     unmask = Unmasker(t, r, keys, contributors, secure)
     if sharded.on(t, keys):
         return sharded.aggregate(t, r, seal, secure, unmask), keys, contributors
+    unmask.ready()  # the reveals first: waiting for them downloads nothing
     sums = masked_sums(t, r, seal, contributors, lambda site, commit: (
         commit.shards, {k for k, g in secure.items() if site in g}))
     out = {}
@@ -462,10 +476,14 @@ class Unmasker:
                         for k, g in secure.items() if any(s in contributors for s in g)}
         self._secrets = None
 
+    def ready(self) -> None:
+        """Reconstruct the secrets now (Wait while too few reveals are in)."""
+        if self._secrets is None:
+            self._secrets = recover(self.t, self.r, self.keys, self.contributors)
+
     def __call__(self, k: tuple, total: np.ndarray, start: int) -> np.ndarray:
         t, r = self.t, self.r
-        if self._secrets is None:
-            self._secrets = recover(t, r, self.keys, self.contributors)
+        self.ready()
         group = self.secure[k]
         members = [s for s in group if s in self.contributors]
         remove = [(crypto.self_mask_key(self._secrets[s], _ctx(t, r, s)), 1) for s in members]

@@ -128,6 +128,7 @@ def _sum_slice(t, r: int, j: int, seal: dict, wanted: list, tensors: list, unmas
         return (commit.shards[j],), {(secagg.entry_name(g, a), (b - a,)) for g, a, b in wanted
                                      if site in unmask.secure[tensors[g]]}
 
+    unmask.ready()  # the reveals first: waiting for them downloads nothing
     sums = masked_sums(t, r, seal, sorted(seal["contributions"]), expect)
     items = []
     for g, a, b in wanted:
