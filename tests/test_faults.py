@@ -78,10 +78,9 @@ def tick(fed, site: str, crash: str | None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, timeout=120)
 
 
-def test_sigkill_after_every_write_is_recovered_by_the_next_tick(tmp_path):
-    """Every tick process dies right after its first storage write, until a tick writes
-    nothing: each of the federation's writes is followed by a SIGKILL once."""
-    fed = factory.make(tmp_path, n=2)
+def kill_after_every_write(fed, limit: int) -> int:
+    """Tick every site, each tick process SIGKILLed right after its first write, until all
+    have finished; returns how many ticks were killed (at most `limit`)."""
     kills, finished = 0, set()
     while finished != set(fed.sites):
         for site in fed.sites:
@@ -90,7 +89,15 @@ def test_sigkill_after_every_write_is_recovered_by_the_next_tick(tmp_path):
             assert proc.returncode == 0, proc.stderr
             if json.loads(proc.stdout)["finished"]:
                 finished.add(site)
-        assert kills < 100
+        assert kills < limit
+    return kills
+
+
+def test_sigkill_after_every_write_is_recovered_by_the_next_tick(tmp_path):
+    """Every tick process dies right after its first storage write, until a tick writes
+    nothing: each of the federation's writes is followed by a SIGKILL once."""
+    fed = factory.make(tmp_path, n=2)
+    kills = kill_after_every_write(fed, limit=100)
     writes = len(factory.keys(fed)) - len(factory.keys(factory.make(tmp_path / "empty", n=2)))
     assert kills >= writes  # a kill after every object the tick wrote (retries add more)
     assert all_verified(fed)

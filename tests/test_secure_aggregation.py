@@ -345,19 +345,11 @@ def test_sigkill_after_every_write_of_a_secure_round_is_recovered(tmp_path):
     a tick writes nothing: key material, key seal, masked shards, commits, the seal,
     reveals and merge records each survive a SIGKILL right after they are written
     (tests/test_faults.py does the whole plain protocol)."""
-    from test_faults import all_verified, tick
+    from test_faults import all_verified, kill_after_every_write
 
     fed = factory.make(tmp_path, n=3, rounds=1, secure_aggregation=True)
     fed.prepare(stop_after="initial model", sweeps=4)  # in-process: the crashes are for the secure round
-    kills, finished = 0, set()
-    while finished != set(fed.sites):
-        for site in fed.sites:
-            while (proc := tick(fed, site, "write:1")).returncode == -9:
-                kills += 1
-            assert proc.returncode == 0, proc.stderr
-            if json.loads(proc.stdout)["finished"]:
-                finished.add(site)
-        assert kills < 150
+    kills = kill_after_every_write(fed, limit=150)
     assert kills >= len([k for k in factory.keys(fed) if layout.round_of(k) == 1])
     assert all_verified(fed)
     assert len({fed.merged_record(s, 1)["own"] for s in fed.sites}) == 1

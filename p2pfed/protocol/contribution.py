@@ -55,6 +55,17 @@ def parse_commit(site: str, r: int, body: dict, kind: str = "shard") -> Commit:
     return commit
 
 
+def write_commit(t, r: int, meta: dict, refs: list, base: str | None) -> None:
+    """Metadata, then the commit that lists it and the (masked) shards `refs`: always last."""
+    from ..faults import crash_point
+
+    meta = {**meta, "round": r, "base": base}
+    meta_ref = {"key": layout.meta(r, t.site),
+                "sha256": t.write.envelope(layout.meta(r, t.site), "meta", crypto.canonical_json(meta), round=r)}
+    crash_point("commit")
+    t.write.record(layout.commit(r, t.site), "commit", {"round": r, "base": base, "shards": refs, "meta": meta_ref})
+
+
 @dataclass(frozen=True)
 class Contribution:
     site: str

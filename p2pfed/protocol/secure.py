@@ -29,7 +29,7 @@ from ..merge import Layer, canonical_layers
 from ..objects import read_json
 from ..site import atomic_write
 from . import sharded
-from .contribution import declared_cases, parse_commit, read_contribution, read_shard_plain, weight_shares
+from .contribution import declared_cases, read_contribution, read_shard_plain, weight_shares, write_commit
 from .wait import Wait
 
 
@@ -225,7 +225,7 @@ def upload(t, r: int, weights, meta: dict, base: str | None, base_weights) -> st
         crash_point("upload")
         if t.progress:
             t.progress("upload", i + 1, len(blobs))
-    _commit(t, r, {**meta, "round": r, "base": base, "clipped": mask.clipped}, refs, base)
+    write_commit(t, r, {**meta, "clipped": mask.clipped}, refs, base)
     return None
 
 
@@ -258,13 +258,6 @@ class _Mask:
         masker = secagg.Masker(secagg.mask_keys(self.site, {p: self.pair[p] for p in group if p != self.site},
                                                 self.self_key))
         return masker.apply(words, lab, start)
-
-
-def _commit(t, r: int, meta: dict, refs: list, base: str | None) -> None:
-    meta_ref = {"key": layout.meta(r, t.site),
-                "sha256": t.write.envelope(layout.meta(r, t.site), "meta", crypto.canonical_json(meta), round=r)}
-    crash_point("commit")
-    t.write.record(layout.commit(r, t.site), "commit", {"round": r, "base": base, "shards": refs, "meta": meta_ref})
 
 
 def update_norm(layers: dict, base_weights) -> tuple[float, float]:

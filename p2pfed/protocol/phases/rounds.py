@@ -18,7 +18,7 @@ from ...errors import ContributionRejected
 from ...faults import crash_point
 from ...site import atomic_write
 from .. import handover, secure
-from ..contribution import parse_commit
+from ..contribution import parse_commit, write_commit
 from ..wait import Wait
 from . import merge
 
@@ -162,11 +162,7 @@ def upload(t, r: int, weights, meta: dict, base: str | None) -> None:
         crash_point("upload")
         if t.progress:
             t.progress("upload", i + 1, len(blobs))
-    meta = {**meta, "round": r, "base": base}
-    meta_ref = {"key": layout.meta(r, t.site),
-                "sha256": t.write.envelope(layout.meta(r, t.site), "meta", crypto.canonical_json(meta), round=r)}
-    crash_point("commit")
-    t.write.record(layout.commit(r, t.site), "commit", {"round": r, "base": base, "shards": refs, "meta": meta_ref})
+    write_commit(t, r, meta, refs, base)
 
 
 # --------------------------------------------------------------------------- seal
