@@ -137,10 +137,13 @@ class Counter:
 
     def reset(self) -> None:
         self.requests, self.up, self.down, self.listed = collections.Counter(), 0, 0, 0
+        # object kind (layout.kind_name) -> bytes downloaded; "once: kind" for the initial
+        # model (round 0) and the final metrics, which a site reads once, not every round
+        self.down_by = collections.Counter()
 
     def snapshot(self) -> dict:
         return {"requests": sum(self.requests.values()), "by_kind": dict(self.requests),
-                "up": self.up, "down": self.down, "listed": self.listed}
+                "up": self.up, "down": self.down, "listed": self.listed, "down_by": dict(self.down_by)}
 
     def install(self) -> None:
         """Wrap the Storage methods a tick uses (on the class: every tick opens its own)."""
@@ -161,6 +164,8 @@ class Counter:
     def _bytes(self, name: str, args: tuple, result) -> None:
         if name == "get":
             self.down += len(result)
+            once = layout.round_of(args[0]) == 0 or layout.kind_name(args[0]) == "final"
+            self.down_by[("once: " if once else "") + layout.kind_name(args[0])] += len(result)
         elif name == "put_new":
             self.up += len(args[1])
         elif name == "list_prefix":
@@ -235,7 +240,7 @@ def one_run(variant: str, n: int, args, counter: Counter, url_of, endpoint) -> d
         def tick(site: str, stop_after: str | None = None) -> tuple[TickRecord, factory.Report]:
             if site == probe and stop_after is None:
                 report, fig = run_child(fed, site, args.params)
-                counts = {k: fig[k] for k in ("requests", "by_kind", "up", "down", "listed")}
+                counts = {k: fig[k] for k in ("requests", "by_kind", "up", "down", "listed", "down_by")}
                 rss = {"peak_mib": fig["peak_rss_mib"], "growth_mib": fig["peak_rss_mib"] - fig["rss_before_mib"]}
                 return TickRecord(site, report.phase, report.actions, fig["tick_s"], fig["cpu_s"], counts, rss), report
             counter.reset()
@@ -263,7 +268,8 @@ def one_run(variant: str, n: int, args, counter: Counter, url_of, endpoint) -> d
         # rounds: round-robin until every site has finished
         clock, opened, closed, sweeps = (0.0, 0.0), {1: (0.0, 0.0)}, {}, 0
         merged = {s: 0 for s in fed.sites}  # merged_upto of each site
-        per_site = {s: {"up": 0, "down": 0, "requests": 0, "ticks": 0} for s in fed.sites}
+        per_site = {s: {"up": 0, "down": 0, "once": 0, "requests": 0, "ticks": 0} for s in fed.sites}
+        down_by = collections.Counter()  # kind -> bytes, all sites, all rounds
         records: list[TickRecord] = []
         idle_extra: list[TickRecord] = []  # site0's extra ticks while it waits: neither bytes nor clock
         finished: set[str] = set()
@@ -282,6 +288,8 @@ def one_run(variant: str, n: int, args, counter: Counter, url_of, endpoint) -> d
                     for k in ("up", "down", "requests"):
                         per_site[s][k] += rec.counts[k]
                     per_site[s]["ticks"] += 1
+                    down_by.update(rec.counts["down_by"])
+                    per_site[s]["once"] += sum(v for k, v in rec.counts["down_by"].items() if k.startswith("once: "))
                     if report.finished:
                         finished.add(s)
                     _rounds_seen(s, SiteHome(fed.home, s).state(), merged, opened, closed, clock, args.rounds)
@@ -303,14 +311,20 @@ def one_run(variant: str, n: int, args, counter: Counter, url_of, endpoint) -> d
         cpus = [closed[r][1] - opened[r][1] for r in sorted(closed) if r in opened]
         up = [per_site[s]["up"] / args.rounds for s in fed.sites]
         down = [per_site[s]["down"] / args.rounds for s in fed.sites]
+        steady = [(per_site[s]["down"] - per_site[s]["once"]) / args.rounds for s in fed.sites]
         kinds = collections.Counter()
         for r in working:
             kinds.update(r.counts["by_kind"])
         return {
             "variant": variant, "sites": n, "rounds": args.rounds, "params": args.params, "storage": args.storage,
+            # M: one contribution as a site stores it, 8 bytes a parameter masked (secure), else 4
+            "model_bytes": (8 if VARIANTS[variant].get("secure_aggregation") else 4) * _param_count(trainer),
             "up_mean": statistics.mean(up), "up_max": max(up), "up_max_site": fed.sites[up.index(max(up))],
             "down_mean": statistics.mean(down), "down_max": max(down),
             "down_max_site": fed.sites[down.index(max(down))],
+            "down_by_kind": {k: v / n / args.rounds for k, v in down_by.most_common()},  # per site per round
+            # without the once-only objects (initial model, final metrics): what every further round costs
+            "down_round_mean": statistics.mean(steady), "down_round_max": max(steady),
             "setup_up_mean": statistics.mean(v["up"] for v in setup.values()),
             "setup_down_mean": statistics.mean(v["down"] for v in setup.values()),
             "idle_ticks": len(idle), "working_ticks": len(working),
@@ -340,6 +354,10 @@ def one_run(variant: str, n: int, args, counter: Counter, url_of, endpoint) -> d
         }
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def _param_count(trainer) -> int:
+    return sum(int(a.size) for a in trainer("site0", None).initial_weights().values())
 
 
 def _worked(rec: TickRecord) -> bool:
@@ -375,13 +393,15 @@ def _num(x, fmt="{:.1f}") -> str:
 
 def table(rows: list[dict]) -> str:
     head = ["variant", "sites", "up MiB/site/round mean", "up max", "down MiB/site/round mean", "down max",
-            "req idle tick", "req working tick", "listed keys idle", "round s", "round CPU s", "sweeps", "peak RSS MiB",
+            "down, further rounds: mean", "max", "x M (mean / max)", "req idle tick", "req working tick", "listed keys idle", "round s", "round CPU s", "sweeps", "peak RSS MiB",
             "RSS growth MiB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([
             r["variant"], str(r["sites"]), _mib(r["up_mean"]), _mib(r["up_max"]), _mib(r["down_mean"]),
-            _mib(r["down_max"]), _num(r["idle_requests"]), _num(r["working_requests"]),
+            _mib(r["down_max"]), _mib(r["down_round_mean"]), _mib(r["down_round_max"]),
+            f"{r['down_round_mean'] / r['model_bytes']:.2f} / {r['down_round_max'] / r['model_bytes']:.2f}",
+            _num(r["idle_requests"]), _num(r["working_requests"]),
             _num(r["idle_listed"], "{:.0f}"), _num(r["round_s_mean"], "{:.2f}"), _num(r["round_cpu_s_mean"], "{:.2f}"),
             str(r["sweeps"]), _num(r["peak_rss_mib"], "{:.0f}"), _num(r["rss_growth_mib"], "{:.0f}")]) + " |")
     return "\n".join(lines)
@@ -447,7 +467,9 @@ def main() -> None:
     rows.sort(key=lambda r: (variants.index(r["variant"]), r["sites"]))
     print(table(rows))
     print(f"\ntotal wall {total:.0f} s; {args.storage} storage; model {args.params} parameters; {args.rounds} rounds. "
-          "up/down: payload bytes per site per round (rounds and final; setup apart); req: storage requests per "
+          "up/down: payload bytes per site per round (rounds and final; setup apart); further rounds: without "
+          "what a site reads once (the initial model, the final metrics); M: one contribution as stored "
+          "(masked: 8 bytes a parameter; plain: 4); req: storage requests per "
           "tick; round s / CPU s: wall / CPU time inside ticks from a round's opening until every site merged it "
           "(all N sites' ticks, one after the other); "
           f"peak RSS: the last site's ticks, each in a fresh process")

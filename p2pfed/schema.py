@@ -358,7 +358,7 @@ PAYLOADS: dict[str, Schema] = {
                 {"epoch": Int(0, 2 ** 31), "clipped": Int(0, 2 ** 40)}),
     # secure aggregation (docs/design.md 7.8): a site's key material of one round, and its reveal
     "keys": Obj({"round": Count, "mask_public": Str(B64, 44), "seed_commitment": Hex64,
-                 "layout": List(List(AnyJSON(), 2, 2), 1, 100_000),
+                 "layout": Opt(List(List(AnyJSON(), 2, 2), 1, 100_000)),  # null: FFE, the base model's
                  "shares": Map(Site, Obj({"sealed": Str(B64, 256), "mask": Hex64, "seed": Hex64}), 10_000)}),
     "reveal": Obj({"round": Count, "seal": Hex64,
                    "shares": Map(Site, Obj({"kind": Str("mask|seed", 8), "share": Str(B64, 64)}), 10_000)}),

@@ -108,6 +108,8 @@ def _secure(view: View, reader: Identity | None) -> dict:
 def _kept_local(view: View, reader: Identity, r: int) -> list[str]:
     from . import secagg
 
+    if view.mode.plans_must_agree:
+        return []  # FFE: every site holds every tensor of the one shared model (at least 3 sites)
     layouts = {}
     for site, sha in view.key_seal(r)[1]["keys"].items():
         key = layout.secagg_keys(r, site)

@@ -153,8 +153,10 @@ def test_status_plot_and_idle_tick(ffe_run, tmp_path):
     assert report["finished"] and report["actions"] == []
 
 
-def test_asym_on_s3_with_interleaved_ticks(s3_server, tmp_path):
-    storage = new_bucket(s3_server)
+def test_asym_on_s3_with_interleaved_ticks(on_seaweedfs, tmp_path):
+    """Real nnU-Net on the real SeaweedFS server (the README walkthrough, tests/test_walkthrough.py,
+    runs real nnU-Net on moto's: one full run on each S3 server keeps the suite in its budget)."""
+    storage = new_bucket(on_seaweedfs)
     sim = simulate.setup(tmp_path, 3, storage=storage, init_args=TINY + ["--mode", "asym", "--no-final-validation"])
     for site in ("SiteB", "SiteC"):  # they declare their cases and wait: nobody trains before all have
         assert "waiting for the case-count declarations of SiteA" in sim.cli("round", "--site", site).stdout

@@ -4,6 +4,7 @@ asym groups and DP."""
 from __future__ import annotations
 
 import json
+import re
 import os
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from p2pfed.errors import FederationHalted, IntegrityError
 from p2pfed.merge import canonical_layers
 from p2pfed.shards import from_shards, read_shard
 from p2pfed.site import SiteHome
+from test_attacks import bad_keys
 from test_chain import final_models, identity
 
 
@@ -264,20 +266,47 @@ def test_a_reveal_for_the_wrong_kind_of_secret_is_refused(sealed):
         sealed.run("site0")
 
 
-@pytest.mark.parametrize("what", ["masked", "keys", "keyseal"])
+@pytest.mark.parametrize("what", ["masked", "keyseal"])
 def test_tampered_secure_objects_are_named(sealed, what):
-    """The storage flips a byte in a masked shard, a site's key material or the key seal:
-    the next site to read it stops naming the object, and it merges nothing."""
+    """The storage flips a byte in a masked shard or the key seal: the next site to read
+    it stops naming the object, and it merges nothing."""
     key = {"masked": next(k for k in factory.keys(sealed) if k.endswith(".masked") and "/site1/" in k),
-           "keys": layout.secagg_keys(1, "site1"), "keyseal": layout.key_seal(1)}[what]
-    data = bytearray(sealed.path(key).read_bytes())
-    data[len(data) // 2] ^= 1
-    sealed.path(key).write_bytes(bytes(data))
+           "keyseal": layout.key_seal(1)}[what]
+    if what == "keyseal":  # every site kept the key seal it verified: one that has not yet reads the stored one
+        for s in sealed.sites:
+            (sealed.home / "sites" / s / "work" / "seals" / "00001.keys.json").unlink()
+    _flip(sealed, key)
     with pytest.raises(IntegrityError) as exc:
         for s in sealed.sites:  # the first sites reveal, and wait for enough reveals
             sealed.run(s)
     assert key in exc.value.message
     assert not (sealed.home / "sites" / s / "work/merged/00001/merged.json").exists()
+
+
+def test_key_material_changed_after_the_key_seal_is_not_read_again_and_verify_names_it(sealed):
+    """Every site verified the key material the key seal lists, and keeps it: the storage
+    changing it afterwards changes nothing (the round merges, the same at every site), and
+    `verify` names the object. A site that had not checked it yet stops naming it."""
+    key = layout.secagg_keys(1, "site1")
+    _flip(sealed, key)
+    assert key in bad_keys(sealed)
+    first = sealed.home / "sites" / "site2" / "work" / "seals" / "00001.keys.json"
+    first.rename(first.with_suffix(".kept"))  # site2 as a site that has not checked the key seal yet
+    with pytest.raises(IntegrityError, match=re.escape(key)):
+        sealed.run("site2")
+    first.with_suffix(".kept").rename(first)
+    for _ in range(3):
+        for s in sealed.sites:
+            sealed.run(s)
+    models = [merged_model(sealed, s, 1) for s in sealed.sites]
+    assert models[0] and all(m.keys() == models[0].keys() and all(np.array_equal(m[k], models[0][k]) for k in m)
+                             for m in models[1:])
+
+
+def _flip(fed, key: str) -> None:
+    data = bytearray(fed.path(key).read_bytes())
+    data[len(data) // 2] ^= 1
+    fed.path(key).write_bytes(bytes(data))
 
 
 JUNK_KEYS = [layout.secagg_keys(1, "site1"), layout.key_seal(1), layout.reveal(1, "site2")]

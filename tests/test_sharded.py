@@ -119,7 +119,11 @@ def test_slices_cover_every_word_once_and_owners_spread_evenly():
         assert covered == [(g, w) for g, size in enumerate((21, 5, 100)) for w in range(size)]
         assert max(sum(b - a for _, a, b in cut) for cut in cuts) <= -(-126 // n)
     sites = [f"site{i}" for i in range(50)]
-    first = [secagg.owners("ab" * 32, j, sites)[:2] for j in range(50)]
-    load = {s: sum(s in pair for pair in first) for s in sites}
-    assert sum(load.values()) == 100 and max(load.values()) <= 8  # about two slices each
+    for n_sites, n_slices in ((50, 50), (50, 75), (50, 130), (49, 49), (49, 60), (3, 10)):
+        first = [secagg.owners("ab" * 32, j, sites[:n_sites])[:2] for j in range(n_slices)]
+        load = [sum(s in pair for pair in first) for s in sites[:n_sites]]
+        assert sum(load) == 2 * n_slices and max(load) - min(load) <= 1  # 2S/n slices each, to within one
+    ranked = [secagg.owners("ab" * 32, j, sites) for j in range(50)]
+    assert all(sorted(r) == sorted(sites) for r in ranked)
+    assert secagg.owners("cd" * 32, 0, sites) != ranked[0]  # the order follows the seal
     assert secagg.owners("ab" * 32, 3, sites) == secagg.owners("ab" * 32, 3, list(reversed(sites)))

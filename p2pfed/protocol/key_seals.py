@@ -3,8 +3,11 @@
 opening times and the storage listing these checks use."""
 from __future__ import annotations
 
+import json
+
 from .. import crypto, layout
 from ..errors import IntegrityError
+from ..site import atomic_write
 
 CLOCK_SKEW_S = 600  # a seal's deadline is the sealer's clock; others allow this much skew
 
@@ -12,12 +15,22 @@ CLOCK_SKEW_S = 600  # a seal's deadline is the sealer's clock; others allow this
 class KeySeals:
     def key_seal(self, r: int) -> tuple[str, dict] | None:
         """(sha256, body) of round r's verified key seal: whose key material the round masks
-        with, all participants' or, after the deadline, at least secagg.minimum of them."""
+        with, all participants' or, after the deadline, at least secagg.minimum of them.
+        Kept in the site home once verified, like a round seal: its check reads every
+        key material it lists, which no later tick reads again."""
         if r not in self._key_seals:
-            found = self.resolve(layout.key_seal(r), "keyseal")
-            if found is not None:
+            kept = self.home.dir / "work" / "seals" / f"{r:05d}.keys.json" if self.home else None
+            if kept is not None and kept.exists():
+                sha, body = json.loads(kept.read_text())
+                self._key_seals[r] = (sha, body)
+            elif (found := self.resolve(layout.key_seal(r), "keyseal")) is not None:
                 self._check_key_seal(r, found[2])
-            self._key_seals[r] = (crypto.sha256_hex(found[1]), found[2]) if found else None
+                self._key_seals[r] = (crypto.sha256_hex(found[1]), found[2])
+                if kept is not None:
+                    kept.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write(kept, json.dumps(self._key_seals[r]).encode())
+            else:
+                self._key_seals[r] = None
         return self._key_seals[r]
 
     def forget_key_seal(self, r: int) -> None:

@@ -80,7 +80,9 @@ def _make_secrets(t, r: int, weights_layout: list) -> dict:
         shares[holder] = {"sealed": crypto.encrypt_share(mask_shares[i] + seed_shares[i], members[holder], c),
                           "mask": crypto.commitment(c, b"mask", mask_shares[i]),
                           "seed": crypto.commitment(c, b"seed", seed_shares[i])}
-    payload = {"round": r, "mask_public": crypto.b64(public), "layout": weights_layout, "shares": shares,
+    # FFE: every site trains the base model, whose layout every site has; asym: its own
+    listed = None if t.mode.plans_must_agree else weights_layout
+    payload = {"round": r, "mask_public": crypto.b64(public), "layout": listed, "shares": shares,
                "seed_commitment": crypto.commitment(_ctx(t, r, t.site), b"seed", seed)}
     kept = {"mask_private": crypto.b64(private), "seed": crypto.b64(seed), "noise": crypto.b64(noise),
             "payload": payload}
@@ -96,17 +98,23 @@ def layout_of(weights) -> list:
 class Keys:
     """A participant's key material of round r, read and checked."""
 
-    def __init__(self, site: str, payload: dict, parts: list[str]):
+    def __init__(self, site: str, payload: dict, parts: list[str], shared_layout: list | None):
+        """`shared_layout`: FFE, the base model's layout (key material lists none); None:
+        asym, where each site lists its own."""
         where = f"site {site!r}: round {payload.get('round')} key material"
         self.site = site
         if sorted(payload["shares"]) != parts:
             raise ContributionRejected(f"{where} deals shares to {sorted(payload['shares'])}, not to the participants")
+        if (payload["layout"] is None) != (shared_layout is not None):
+            raise ContributionRejected(f"{where} " + ("lists a tensor layout (FFE: every site masks the base model)"
+                                                      if shared_layout is not None else "lacks its tensor layout"))
+        listed = shared_layout if shared_layout is not None else payload["layout"]
         try:
             self.public = crypto.unb64(payload["mask_public"], where)
-            self.layout = {str(k): tuple(int(n) for n in shape) for k, shape in payload["layout"]}
+            self.layout = {str(k): tuple(int(n) for n in shape) for k, shape in listed}
         except (TypeError, ValueError) as exc:
             raise ContributionRejected(f"{where} is malformed ({exc})") from None
-        if len(self.public) != 32 or len(self.layout) != len(payload["layout"]) \
+        if len(self.public) != 32 or len(self.layout) != len(listed) \
                 or any(n < 0 for shape in self.layout.values() for n in shape):
             raise ContributionRejected(f"{where} has a malformed key or layout")
         self.shares, self.seed_commitment = payload["shares"], payload["seed_commitment"]
@@ -115,7 +123,7 @@ class Keys:
 def read_keys(t, r: int, site: str, sha: str | None = None) -> Keys | None:
     """`site`'s verified key material of round r (the bytes `sha` names, if given), or None."""
     payload = _payload(t, r, site, sha)
-    return None if payload is None else Keys(site, payload, t.view.participants_of(r))
+    return None if payload is None else Keys(site, payload, t.view.participants_of(r), _unchecked_layout(t))
 
 
 def _payload(t, r: int, site: str, sha: str | None) -> dict | None:
@@ -127,8 +135,13 @@ def _payload(t, r: int, site: str, sha: str | None) -> dict | None:
     payload = read_json(t.fed, key, "keys", t.me, author=site, blob=blob, round=r)[1]
     if payload["round"] != r:
         raise ContributionRejected(f"site {site!r}: key material at {key} is for round {payload['round']}")
-    Keys(site, payload, t.view.participants_of(r))  # raises if malformed
+    Keys(site, payload, t.view.participants_of(r), _unchecked_layout(t))  # raises if malformed
     return payload
+
+
+def _unchecked_layout(t) -> list | None:
+    """For checking key material's form only: FFE's shared layout is not needed for that."""
+    return [] if t.mode.plans_must_agree else None
 
 
 # --------------------------------------------------------------------------- 2. key seal
@@ -168,15 +181,18 @@ def _u1(t, r: int) -> dict[str, Keys]:
     kept = t.home.work("secure") / f"{r:05d}.u1.json"
     parts = t.view.participants_of(r)
     if kept.exists() and (cached := json.loads(kept.read_text()))["key_seal"] == sha:
-        return {s: Keys(s, payload, parts) for s, payload in cached["keys"].items()}
+        return {s: Keys(s, payload, parts, cached["layout"]) for s, payload in cached["keys"].items()}
+    from .phases.rounds import start_weights  # (rounds calls this module)
+
+    shared = layout_of(start_weights(t, r)) if t.mode.plans_must_agree else None
     payloads = {}
     for s, key_sha in sorted(ks["keys"].items()):
         try:
             payloads[s] = _payload(t, r, s, key_sha)
         except ContributionRejected as exc:  # sealed by someone, though malformed: no one can mask with it
             raise FederationHalted(f"round {r}: the key seal lists unusable key material ({exc.message})") from None
-    atomic_write(kept, json.dumps({"key_seal": sha, "keys": payloads}).encode())
-    return {s: Keys(s, payload, parts) for s, payload in payloads.items()}
+    atomic_write(kept, json.dumps({"key_seal": sha, "keys": payloads, "layout": shared}).encode())
+    return {s: Keys(s, payload, parts, shared) for s, payload in payloads.items()}
 
 
 def _shares(t, r: int, keys: dict[str, Keys]) -> dict[str, float]:

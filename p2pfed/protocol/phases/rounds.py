@@ -51,7 +51,7 @@ def advance(t) -> str | None:
     t.adopt_keys(r)  # a rotated key is used from the round its epoch applies
     if not committed(t, r):
         if secure.enabled(t, r):  # key material first: the others mask with it while this site trains
-            published = secure.publish_keys(t, r, lambda: secure.layout_of(_start_weights(t, r)))
+            published = secure.publish_keys(t, r, lambda: secure.layout_of(start_weights(t, r)))
             if published:
                 return published
         cached = cached_training(t, r)
@@ -109,7 +109,7 @@ def base_model(t, r: int) -> tuple[dict | None, str | None]:
     return merge.merged_weights(t, r - 1)
 
 
-def _start_weights(t, r: int):
+def start_weights(t, r: int):
     """The model round r's training starts from (its layout is what this site masks)."""
     weights = base_model(t, r)[0]
     return weights if weights is not None else t.trainer.initial_weights()
