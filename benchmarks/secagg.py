@@ -158,7 +158,8 @@ def pair_ctx(a: str, b: str) -> bytes:
 
 
 def make_secrets(site: str, parts: list[str], members: dict, weights_layout: list) -> dict:
-    """What p2pfed.protocol.secure._make_secrets computes (without the file write)."""
+    """What p2pfed.protocol.secure._make_secrets computes (without the file write), with the
+    layout listed as asym's key material lists it (FFE's lists none: an upper bound)."""
     private, public = crypto.mask_keypair()
     seed, noise = crypto.random_seed(), crypto.random_seed() + crypto.random_seed()
     need = secagg.threshold(len(parts))
