@@ -261,7 +261,8 @@ def honest_merge(fed, r: int, sites) -> str:
     (absurd_cases(10 ** 9), "site 'site1': rounds/00001/site1/meta.p2pf: payload.cases: 1000000000 is outside"),
     (absurd_cases(True), "site 'site1': rounds/00001/site1/meta.p2pf: payload.cases: expected an integer, got a boolean"),
     (absurd_cases(2.5), "site 'site1': rounds/00001/site1/meta.p2pf: payload.cases: expected an integer, got 2.5"),
-], ids=lambda v: getattr(v, "__name__", None) or (str(v)[:40] if isinstance(v, dict) else None))
+], ids=["nan", "float16", "wrong-shape", "missing-tensor", "other-base", "meta-round", "cases-0", "cases-1e9",
+        "cases-bool", "cases-float"])  # stable ids: pytest-xdist's workers must collect the same names
 def test_a_broken_member_is_excluded_by_every_site_and_named(tmp_path, attack, why):
     fed = factory.make(tmp_path, rounds=1)
     if isinstance(attack, dict):
