@@ -7,8 +7,10 @@ import json
 import time
 
 import numpy as np
+import pytest
 
 import factory
+from conftest import new_bucket
 from p2pfed import crypto, layout, secagg
 from p2pfed.merge import Layer
 from p2pfed.shards import one_shard
@@ -27,25 +29,29 @@ def slice_sums(fed, r: int) -> dict[int, list[str]]:
 
 
 def seal_of(fed, r: int) -> dict:
-    return json.loads(fed.path(layout.seal(r)).read_text())["body"]
+    return json.loads(fed.storage.get(layout.seal(r)))["body"]
 
 
-def test_ten_sites_with_one_dropped_mid_round_end_bit_identical(tmp_path):
-    """Ten sites, sharded by default (--sharded-from 8). All ten commit round 1; once it
-    is sealed, the first owner of slice 0 goes away: it neither reveals nor sums its
-    slices. One deadline after the seal the next site of each of its slices' ranking sums
-    them; every site merges the same model, equal to the float64 merge of the ten
-    contributions; the site comes back and catches up."""
+@pytest.mark.parametrize("backend", ["local", "seaweedfs"])
+def test_ten_sites_with_one_dropped_mid_round_end_bit_identical(tmp_path, request, backend):
+    """Ten sites, sharded by default (--sharded-from 8), on a folder and on SeaweedFS (a
+    production object store). All ten commit round 1; once it is sealed, the first owner
+    of slice 0 goes away: it neither reveals nor sums its slices. One deadline after the
+    seal the next site of each of its slices' ranking sums them; every site merges the
+    same model, equal to the float64 merge of the ten contributions; the site comes back
+    and catches up."""
     from p2pfed.protocol.phases import rounds
 
-    fed = factory.make(tmp_path, n=10, secure_aggregation=True, deadline_s=1)
+    endpoint = request.getfixturevalue("on_seaweedfs") if backend == "seaweedfs" else None
+    fed = factory.make(tmp_path, endpoint and new_bucket(endpoint), n=10, endpoint=endpoint,
+                       secure_aggregation=True, deadline_s=1)
     fed.prepare(stop_after="initial model", sweeps=4)
     for _ in range(2):
         for s in fed.sites:
             fed.run(s, stop_after="upload")
     rounds.seal(fed.tick("site0"), 1)
     assert sorted(seal_of(fed, 1)["contributions"]) == fed.sites
-    seal_sha = crypto.sha256_hex(fed.path(layout.seal(1)).read_bytes())
+    seal_sha = crypto.sha256_hex(fed.storage.get(layout.seal(1)))
     gone = secagg.owners(seal_sha, 0, fed.sites)[0]
     others = [s for s in fed.sites if s != gone]
     time.sleep(1.1)  # one deadline after the seal: the next in rank steps in for it

@@ -3,7 +3,8 @@ among the contributors, so that no site downloads every contribution.
 
 The secure tensors, concatenated in key order, are cut into slices (`secagg.slices`:
 about one per key-sealed site). Each contributor uploads one masked shard per slice.
-For slice j the contributors are ranked by hash of (seal, j) (`secagg.owners`); the
+For slice j the contributors are ranked by one order drawn from the seal, turned by
+REPLICAS x j (`secagg.owners`: every site owns as many slices, to within one); the
 first REPLICAS download that slice from every contributor, unmask it (the masks are
 seekable) and publish the mean: an envelope of float32 pieces, and a small signed
 record of its plaintext hash. A slice counts once two sites published the same hash.
