@@ -13,6 +13,9 @@ masked upload; sharded: secure aggregation, sharded from 3 sites) and N:
 - up / down: bytes a site uploads (put_new) and downloads (get) per round, mean and
   max over sites: everything from its first round tick to its finish (so round 1's
   download of the initial model, the final merge and the final metrics too) over --rounds;
+  "further rounds": the download without what a site reads once (the initial model of
+  round 0, the final metrics), also as a multiple of M, one contribution as stored (8
+  bytes a parameter masked, 4 plain); the JSON's `down_by_kind` splits it by object kind;
 - requests: storage requests (get, exists, list_prefix, put_new, counted as in
   benchmarks/idle_requests.py) per tick, mean over ticks: idle (no action and no write:
   waiting for the others; site0 ticks once more whenever it waits, and that extra tick
