@@ -69,7 +69,7 @@ ALL_METHODS = (*METHODS, *SECURE_METHODS)
 MIN_SECURE_SITES = 3
 # the settings that fix the data, the budget and the evaluation: runs to merge must agree on them
 SAME_SETTINGS = ("sites", "rounds", "epochs_per_round", "iterations", "val_iterations", "train_cases",
-                 "test_cases", "size", "tta", "seed")
+                 "test_cases", "size", "tta", "seed", "optimizer_state")
 LABELS = {v: k for k, v in synthetic.LABELS.items() if v}  # 1: organ, 2: lesion
 PRESETS = {
     "default": dict(sites=3, rounds=8, epochs_per_round=1, iterations=200, val_iterations=10, train_cases=None,
@@ -177,7 +177,8 @@ def dp_args(args) -> list[str]:
 def run_federation(args, method: str, sites: list[SimSite], work: Path, say, secure: dict) -> dict:
     init = ["--configuration", CONFIGURATION, "--rounds", str(args.rounds),
             "--epochs-per-round", str(args.epochs_per_round), "--iterations-per-epoch", str(args.iterations),
-            "--val-iterations", str(args.val_iterations), "--no-final-validation", *FEDERATED[method],
+            "--val-iterations", str(args.val_iterations), "--no-final-validation",
+            "--optimizer-state", args.optimizer_state, *FEDERATED[method],
             *(dp_args(args) if method == "FFE+DP" else [])]
     sim = simulate.setup(work / method, args.sites, init_args=init, seed=args.seed, n_train=args.train_cases,
                          size=args.size)
@@ -363,6 +364,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, nargs=2, help="image size at the nominal spacing (H W)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="mirroring at prediction")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--optimizer-state", choices=["local", "reset"], default="local",
+                   help="federated methods: each site's SGD momentum after a merge (p2pfed init --optimizer-state)")
     p.add_argument("--jobs", type=int, default=1, help="methods trained at the same time")
     p.add_argument("--workdir", type=Path, help="keep the sites, models and predictions here [default: temporary]")
     p.add_argument("--methods", help=f"comma-separated, of {','.join(ALL_METHODS)} [default: all; "

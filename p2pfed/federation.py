@@ -21,6 +21,7 @@ FORMAT = 1
 MODES = ("ffe", "asym")
 WEIGHTINGS = ("cases", "uniform")
 LAYERS = ("subset", "intersection")
+OPTIMIZER_STATES = ("local", "reset")
 
 
 def parse_duration(text: str) -> int:
@@ -69,6 +70,9 @@ class Settings:
     dp_noise_multiplier: float | None = None  # the aggregate's noise std over dp_clip
     dp_delta: float = 1e-5
     sharded_from: int = 8  # secure rounds of this many key-sealed sites or more are sharded (7.9)
+    # each site's SGD momentum at a merge (docs/design.md 7.4): kept from its own last round
+    # ("local", the reference FednnU-Net behaviour) or started afresh ("reset")
+    optimizer_state: str = "local"
 
     def __post_init__(self):
         checks = [
@@ -98,6 +102,7 @@ class Settings:
             (self.dp_clip is None or self.mode == "ffe", "differential privacy needs --mode ffe (a common base)"),
             (0 < self.dp_delta < 1, "--dp-delta must be in (0, 1)"),
             (self.sharded_from >= 1, "--sharded-from must be >= 1"),
+            (self.optimizer_state in OPTIMIZER_STATES, f"--optimizer-state must be one of {', '.join(OPTIMIZER_STATES)}"),
         ]
         for ok, message in checks:
             if not ok:

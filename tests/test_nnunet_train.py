@@ -194,7 +194,8 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 base = dict(np.load(args["base"])) if args["base"] else None
 me = psutil.Process()
-seen = {"workers": None, "optimizer_loaded": [], "first_step_weights": None, "progress": []}
+seen = {"workers": None, "optimizer_loaded": [], "first_step_weights": None, "first_step_momentum": None,
+        "progress": []}
 
 # Spies: what optimizer state was loaded, and the network weights at the first train_step.
 load_optimizer = torch.optim.Optimizer.load_state_dict
@@ -206,6 +207,7 @@ train_step = nnUNetTrainer.train_step
 def spy_step(self, batch):
     if seen["first_step_weights"] is None:
         seen["first_step_weights"] = {k: v.detach().clone() for k, v in self.network.state_dict().items()}
+        seen["first_step_momentum"] = sum("momentum_buffer" in st for st in self.optimizer.state.values())
     return train_step(self, batch)
 nnUNetTrainer.train_step = spy_step
 
@@ -251,7 +253,7 @@ report(
     first_step_is_base=base is not None and same(
         seen["first_step_weights"], {k.removeprefix("_orig_mod."): v for k, v in base.items()}),
     first_step_is_checkpoint=bool(before) and same(seen["first_step_weights"], before["network_weights"]),
-    rejected=locals().get("rejected"), aborted=aborted,
+    rejected=locals().get("rejected"), aborted=aborted, first_step_momentum=seen["first_step_momentum"],
 )
 """
 
@@ -343,6 +345,7 @@ def test_checkpoint_is_exact_for_resume(site, round1, round2):
 def test_second_round_resumes_optimizer_and_replaces_weights(round2):
     assert round2["epoch"] == 1
     assert round2["optimizer_restored"], "SGD momentum was not restored from the checkpoint"
+    assert round2["first_step_momentum"] > 0  # --optimizer-state local: the first step uses it
     assert round2["first_step_is_base"] and not round2["first_step_is_checkpoint"]
     assert round2["lr"] == pytest.approx(poly_lr(1))
     assert_no_orphans(round2)
@@ -390,3 +393,13 @@ def test_export_is_a_standard_nnunet_model(site, catch_up):
     for p in predictions:
         seg = sitk.GetArrayFromImage(sitk.ReadImage(str(p)))
         assert seg.shape == (1, 48, 48) and set(np.unique(seg)) <= {0, 1, 2}
+
+
+@slow
+def test_optimizer_state_reset_starts_the_round_without_momentum(site, catch_up):
+    """--optimizer-state reset: the round loads the merged weights and nnU-Net's fresh
+    optimizer (no momentum buffers at the first step), on the schedule of its epoch."""
+    spec = {**site.spec, "reset_optimizer": True}
+    r = train(site, "reset", save(site.root / "merged4.npz", load(catch_up["weights"])), start_epoch=3, spec=spec)
+    assert r["first_step_momentum"] == 0 and r["first_step_is_base"]
+    assert r["epoch"] == 3 and r["lr"] == pytest.approx(poly_lr(3))

@@ -46,6 +46,8 @@ class TrainSpec:
     iterations_per_epoch, val_iterations: nnU-Net's num_(val_)iterations_per_epoch.
     total_epochs: epochs of the whole federation (rounds x epochs per round); nnU-Net's
         num_epochs, which sets the PolyLR schedule.
+    reset_optimizer: start each round with a fresh optimizer (SGD momentum zero) instead
+        of the one this site's last round left in its checkpoint.
     raw, preprocessed, results: the site's nnUNet_raw, nnUNet_preprocessed, nnUNet_results.
     """
 
@@ -61,6 +63,7 @@ class TrainSpec:
     iterations_per_epoch: int = 250
     val_iterations: int = 50
     total_epochs: int = 1000
+    reset_optimizer: bool = False
 
     def activate(self) -> None:
         """Point nnU-Net at this site's folders (before nnunetv2 is first imported)."""
@@ -116,6 +119,8 @@ def train_round(spec: TrainSpec, base_weights: Weights | None, epochs: int,
     trainer = _make_trainer(spec)
     trainer.initialize()
     _resume(trainer)
+    if spec.reset_optimizer:
+        reset_optimizer(trainer)
     first = trainer.current_epoch if start_epoch is None else start_epoch
     if epochs < 1 or first < 0 or first + epochs > spec.total_epochs:
         raise ValueError(f"epochs {first}..{first + epochs - 1} are outside 0..{spec.total_epochs - 1}")
@@ -229,6 +234,12 @@ def _resume(trainer: nnUNetTrainer) -> None:
     checkpoint = Path(trainer.output_folder) / CHECKPOINT
     if checkpoint.is_file():
         trainer.load_checkpoint(str(checkpoint))  # our own file: unpickling is fine
+
+
+def reset_optimizer(trainer: nnUNetTrainer) -> None:
+    """A fresh optimizer and LR scheduler, as nnU-Net configures them (SGD with Nesterov
+    momentum 0.99: no momentum yet); the schedule follows the epoch set next."""
+    trainer.optimizer, trainer.lr_scheduler = trainer.configure_optimizers()
 
 
 def _set_epoch(trainer: nnUNetTrainer, epoch: int) -> None:
