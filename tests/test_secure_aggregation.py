@@ -224,6 +224,28 @@ def test_below_the_threshold_a_round_waits_with_a_clear_message(tmp_path):
     assert not fed.storage.exists(layout.seal(1))
 
 
+@pytest.mark.parametrize("mode", ["ffe", "asym"])
+def test_key_material_whose_layout_does_not_fit_the_mode_is_refused_naming_its_author(tmp_path, mode):
+    """FFE key material lists no layout (every site masks the base model); asym key
+    material lists its own. site1 publishes, signed, the other form: the round does not
+    take it, and waits naming site1 and what is wrong."""
+    from p2pfed.protocol import secure
+
+    fed = factory.make(tmp_path, n=3, secure_aggregation=True, mode=mode)
+    fed.prepare(stop_after="initial model", sweeps=4)
+    t = fed.tick("site1")
+    own = secure.layout_of(t.trainer.initial_weights())
+    payload = secure._make_secrets(t, 1, own)["payload"]
+    payload["layout"] = own if mode == "ffe" else None
+    t.write.envelope(layout.secagg_keys(1, "site1"), "keys", crypto.canonical_json(payload), round=1)
+    t.save(keys_published=1)
+    sweep(fed, ["site0", "site2"], 2)
+    report = fed.run("site0")
+    why = "lists a tensor layout (FFE" if mode == "ffe" else "lacks its tensor layout"
+    assert report.phase == "round" and "site 'site1': round 1 key material " + why in report.message, report.message
+    assert not fed.storage.exists(layout.key_seal(1))
+
+
 # --------------------------------------------------------------------------- attacks
 @pytest.fixture
 def sealed(tmp_path):
