@@ -17,11 +17,10 @@ import factory
 from conftest import new_bucket
 from p2pfed import crypto, layout, node, secagg, status
 from p2pfed.errors import FederationHalted, IntegrityError
-from p2pfed.merge import canonical_layers
 from p2pfed.shards import from_shards, read_shard
 from p2pfed.site import SiteHome
 from test_attacks import bad_keys
-from test_chain import final_models, identity
+from test_chain import final_models
 
 
 # --------------------------------------------------------------------------- the arithmetic
