@@ -311,7 +311,8 @@ def render(doc: dict, console) -> None:
                   f"quorum {st['quorum'] or st['sites']}/{st['sites']}, deadline {duration(st['deadline_s'])}; "
                   f"weighting {st['weighting']}"
                   + (f" (max share {st['max_weight_share']:g})" if st.get("max_weight_share") else "")
-                  + f", layers {st['layers']}")
+                  + f", layers {st['layers']}"
+                  + (", SGD momentum reset at every merge" if st.get("optimizer_state") == "reset" else ""))
     phase = doc["phase"]
     where = phase["name"] + (f" {phase['round']}" if "round" in phase else "")
     console.print(f"[bold]Phase:[/] {where}" + (f"; waiting for {', '.join(phase['waiting_for'])}"

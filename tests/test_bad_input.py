@@ -191,6 +191,7 @@ CASES = {
     "update norm bound in asym mode": (init("--mode", "asym", "--max-update-norm", "1"), 2,
                                        "--max-update-norm needs --mode ffe"),
     "unknown mode": (init("--mode", "fedprox"), 2, "--mode must be one of ffe, asym"),
+    "unknown optimizer state": (init("--optimizer-state", "merged"), 2, "--optimizer-state must be one of local, reset"),
     "admit without a join request": (admit_ghost, 2, "no pending join request from 'ghost'"),
     "status without --site or --storage": (lambda t, mp: ["status", "--home", t / "home"], 2,
                                            "(hint: e.g. `p2pfed status --site uka`; see `p2pfed status --help`)"),

@@ -131,6 +131,7 @@ def test_status_shows_members_the_declared_cases_and_shares_and_the_storage_noth
     text = CliRunner().invoke(app, ["status", "--site", "site0", "--home", str(fed.home)], terminal_width=200)
     assert text.exit_code == 0 and "5 (32.0%)" in text.stdout and "7 (34.0%)" in text.stdout
     assert "weighting cases (max share 0.34), layers subset" in text.stdout
+    assert "momentum" not in text.stdout  # --optimizer-state local, the default: nothing to say
     public = status.document(None, None, fed.url, None)
     assert public["declared"] is None
     assert all(e["cases"] is None for r in public["rounds"] for e in r["sites"].values())
@@ -388,3 +389,9 @@ def test_a_version_1_envelope_is_refused_and_the_commitment_is_checked():
     with pytest.raises(IntegrityError) as exc:
         crypto.open_sealed(bad, reader=b, authors=members, name="obj")
     assert (exc.value.author, exc.value.recipient, exc.value.key, exc.value.exit_code) == ("a", "b", "obj", 7)
+
+
+def test_status_says_when_each_merge_resets_the_momentum(tmp_path):
+    fed = factory.make(tmp_path, rounds=1, optimizer_state="reset")
+    text = CliRunner().invoke(app, ["status", "--site", "site0", "--home", str(fed.home)], terminal_width=200)
+    assert text.exit_code == 0 and "layers subset, SGD momentum reset at every merge" in text.stdout
