@@ -1,13 +1,12 @@
 """The key seals of secure rounds, as the per-tick view reads and checks them
 (docs/design.md 7.8): a mixin of `View`, which provides the participants, quorum,
-opening times and the storage listing these checks use."""
+opening times, the storage listing and where verified seals are kept (`kept_seal`, `keep`)."""
 from __future__ import annotations
 
 import json
 
 from .. import crypto, layout
 from ..errors import IntegrityError
-from ..site import atomic_write
 
 CLOCK_SKEW_S = 600  # a seal's deadline is the sealer's clock; others allow this much skew
 
@@ -19,16 +18,14 @@ class KeySeals:
         Kept in the site home once verified, like a round seal: its check reads every
         key material it lists, which no later tick reads again."""
         if r not in self._key_seals:
-            kept = self.home.dir / "work" / "seals" / f"{r:05d}.keys.json" if self.home else None
+            kept = self.kept_seal(f"{r:05d}.keys.json")
             if kept is not None and kept.exists():
                 sha, body = json.loads(kept.read_text())
                 self._key_seals[r] = (sha, body)
             elif (found := self.resolve(layout.key_seal(r), "keyseal")) is not None:
                 self._check_key_seal(r, found[2])
                 self._key_seals[r] = (crypto.sha256_hex(found[1]), found[2])
-                if kept is not None:
-                    kept.parent.mkdir(parents=True, exist_ok=True)
-                    atomic_write(kept, json.dumps(self._key_seals[r]).encode())
+                self.keep(kept, self._key_seals[r])
             else:
                 self._key_seals[r] = None
         return self._key_seals[r]

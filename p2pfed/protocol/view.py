@@ -182,12 +182,22 @@ class View(KeySeals, Listing):
         return {s: keys[s] for s in seal["participants"] if s in keys}
 
     # -- rounds ------------------------------------------------------------------------------
+    def kept_seal(self, name: str):
+        """Where this site keeps a seal it verified (`work/seals/<name>`); None: a public view."""
+        return self.home.dir / "work" / "seals" / name if self.home else None
+
+    @staticmethod
+    def keep(path, body) -> None:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, json.dumps(body).encode())
+
     def seal(self, r: int) -> dict | None:
         """The verified seal of round r, or None. Kept in the site home once verified; a
         seal this site adopted that the storage no longer shows is an integrity error."""
         if r in self._seals:
             return self._seals[r]
-        kept = self.home.dir / "work" / "seals" / f"{r:05d}.json" if self.home else None
+        kept = self.kept_seal(f"{r:05d}.json")
         if kept is not None and kept.exists() and self.chain.seal(r):
             body = json.loads(kept.read_text())
         elif (found := self.resolve(layout.seal(r), "seal")) is not None:
@@ -195,9 +205,7 @@ class View(KeySeals, Listing):
             self._check_seal(r, body)
             self._seal_sha[r] = crypto.sha256_hex(data)
             self.chain.keep_seal(r, at, self._seal_sha[r])
-            if kept is not None:
-                kept.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(kept, json.dumps(body).encode())
+            self.keep(kept, body)
         elif self.chain.seal(r):
             raise IntegrityError(f"{layout.seal(r)}: the seal of round {r} this site adopted is gone from the "
                                  f"storage{self.junk_at(layout.seal(r))}",
