@@ -12,19 +12,33 @@
                     distributed differential privacy (--dp-clip, --dp-noise-multiplier;
                     3 sites or more); its epsilon goes into quality.json and quality.md
 
-The first five run with the plain protocol (--no-secure-aggregation, which p2pfed init
-would otherwise turn on for 3 sites or more).
+and variants of FFE that measure what the gap to centralized training comes from:
 
-    .venv/bin/python benchmarks/quality.py --out out/quality [--quick] [--jobs 2] [--methods A,B]
-    .venv/bin/python benchmarks/quality.py --out out/all --merge out/quality out/other
+    FFE-few-merges  a quarter of the merges: rounds/4 rounds of 4 x epochs-per-round epochs
+                    (the same steps and learning-rate schedule)
+    FFE-reset       --optimizer-state reset (no SGD momentum carried over a merge)
+    FFE-uniform     --weighting uniform (sites weighted alike, not by their cases)
+    FFE-cosine      --trainer nnUNetTrainerCosAnneal (nnU-Net's cosine learning-rate schedule
+                    across all rounds instead of PolyLR)
 
---methods runs only some methods (default: all that the site count allows); --merge writes
-the combined outputs of earlier runs with the same settings (no training).
+All but FFE+SecAgg and FFE+DP run with the plain protocol (--no-secure-aggregation, which
+p2pfed init would otherwise turn on for 3 sites or more).
 
-Synthetic heterogeneous CT sites (p2pfed.synthetic), 2-D, CPU. Same budget: every site
-makes rounds x epochs-per-round x iterations optimizer steps with the same PolyLR schedule,
-federated or alone; the centralized model makes n_sites times as many per epoch, the
-federation's total. Writes quality.{csv,json,md,png} to --out. See docs/benchmark.md.
+    .venv/bin/python benchmarks/quality.py --out out/s0 [--seed 0] [--quick] [--jobs 2] [--methods A,B]
+    .venv/bin/python benchmarks/quality.py --out out/all --merge out/s0 out/s1 out/s2
+
+--methods runs only some methods (default: local, centralized, FFE, AsymFedAvg and
+AsymFedAvg-ref); --merge writes the combined outputs of earlier runs (no training): runs
+with the same settings, and any seeds; a table over several seeds gives the mean and the
+standard deviation over seeds, and the paired comparisons pool the test cases of all seeds.
+
+Synthetic heterogeneous CT sites (p2pfed.synthetic), CPU. --task hard (the default) is the
+task on which one site's few cases are not enough, with a fourth site that no model trains
+on (the "unseen" column); --task easy is the first study's task (docs/benchmark.md). Same
+budget: every site makes rounds x epochs-per-round x iterations optimizer steps with the
+same learning-rate schedule, federated or alone; the centralized model makes n_sites times
+as many per epoch, the federation's total. Writes quality.{csv,json,md,png} to --out.
+See docs/benchmark.md.
 """
 from __future__ import annotations
 
@@ -49,8 +63,6 @@ from p2pfed import simulate, synthetic
 from p2pfed.simulate import SimSite
 
 WORKER = Path(__file__).with_name("quality_worker.py")
-CONFIGURATION = "2d"
-TRAINER_FOLDER = f"nnUNetTrainer__nnUNetPlans__{CONFIGURATION}"
 POOLED_ID = 199
 PLAIN = ["--no-secure-aggregation"]
 # Distributed DP at the one setting measured in docs/benchmark.md ("Secure aggregation and
@@ -62,21 +74,34 @@ DP_CLIP, DP_NOISE_MULTIPLIER, DP_DELTA = 10.0, 0.001, 1e-5
 FEDERATED = {"FFE": ["--mode", "ffe", *PLAIN], "AsymFedAvg": ["--mode", "asym", *PLAIN],
              "AsymFedAvg-ref": ["--mode", "asym", "--weighting", "uniform", "--layers", "intersection", *PLAIN],
              "FFE+SecAgg": ["--mode", "ffe", "--secure-aggregation"],
-             "FFE+DP": ["--mode", "ffe", "--secure-aggregation", "--weighting", "uniform"]}  # + dp_args(args)
+             "FFE+DP": ["--mode", "ffe", "--secure-aggregation", "--weighting", "uniform"],  # + dp_args(args)
+             "FFE-few-merges": ["--mode", "ffe", *PLAIN],  # with rounds / FEW_MERGES (run_federation)
+             "FFE-reset": ["--mode", "ffe", "--optimizer-state", "reset", *PLAIN],
+             "FFE-uniform": ["--mode", "ffe", "--weighting", "uniform", *PLAIN],
+             "FFE-cosine": ["--mode", "ffe", "--trainer", "nnUNetTrainerCosAnneal", *PLAIN]}
+FEW_MERGES = 4  # FFE-few-merges: rounds / 4 merges, each round 4 times as long
 SECURE_METHODS = ("FFE+SecAgg", "FFE+DP")  # secure aggregation needs 3 sites or more (secagg.MIN_GROUP)
-METHODS = ("local", "centralized", "FFE", "AsymFedAvg", "AsymFedAvg-ref")  # what any site count can run
-ALL_METHODS = (*METHODS, *SECURE_METHODS)
+METHODS = ("local", "centralized", "FFE", "AsymFedAvg", "AsymFedAvg-ref")  # the default; any site count
+VARIANTS = ("FFE-few-merges", "FFE-reset", "FFE-uniform", "FFE-cosine")
+ALL_METHODS = (*METHODS, *SECURE_METHODS, *VARIANTS)
 MIN_SECURE_SITES = 3
 # the settings that fix the data, the budget and the evaluation: runs to merge must agree on them
-SAME_SETTINGS = ("sites", "rounds", "epochs_per_round", "iterations", "val_iterations", "train_cases",
-                 "test_cases", "size", "tta", "seed", "optimizer_state")
+# (the seed may differ: a merge of several seeds reports their mean and spread)
+SAME_SETTINGS = ("task", "configuration", "sites", "rounds", "epochs_per_round", "iterations", "val_iterations",
+                 "train_cases", "test_cases", "unseen", "size", "tta", "optimizer_state")
 LABELS = {v: k for k, v in synthetic.LABELS.items() if v}  # 1: organ, 2: lesion
+UNSEEN = "unseen"  # the site key of the unseen site's rows; its name is in the settings
 PRESETS = {
-    "default": dict(sites=3, rounds=8, epochs_per_round=1, iterations=200, val_iterations=10, train_cases=None,
-                    test_cases=10, size=None, tta=True),
-    "quick": dict(sites=2, rounds=1, epochs_per_round=1, iterations=2, val_iterations=1, train_cases=5,
-                  test_cases=1, size=[32, 32], tta=False),
+    # the study: a site's few cases are not enough; 20 merges of one 50-iteration epoch
+    "hard": dict(sites=3, rounds=20, epochs_per_round=1, iterations=50, val_iterations=5,
+                 train_cases=[5, 6, 5], test_cases=10, size=None, tta=True, unseen=True),
+    # the first study (docs/benchmark.md, "Results (seed 0)")
+    "easy": dict(sites=3, rounds=8, epochs_per_round=1, iterations=200, val_iterations=10, train_cases=None,
+                 test_cases=10, size=None, tta=True, unseen=False),
+    "quick": dict(sites=2, rounds=1, epochs_per_round=1, iterations=2, val_iterations=1, train_cases=[5],
+                  test_cases=1, size=[32, 32], tta=False, unseen=True),
 }
+BOOTSTRAP_RESAMPLES = 10000
 
 
 # --- surface metrics ------------------------------------------------------------------------
@@ -130,9 +155,9 @@ def dataset_dir(site: SimSite) -> Path:
     return site.folders["raw"] / f"Dataset{site.dataset_id:03d}_{site.name}"
 
 
-def model_folder(site: SimSite) -> Path:
-    """The standard nnU-Net results folder that nnUNetv2_predict -d ID -c 2d -f 0 uses."""
-    return site.folders["results"] / dataset_dir(site).name / TRAINER_FOLDER
+def model_folder(site: SimSite, configuration: str, trainer: str = "nnUNetTrainer") -> Path:
+    """The standard nnU-Net results folder that nnUNetv2_predict -d ID -c CONFIG -f 0 uses."""
+    return site.folders["results"] / dataset_dir(site).name / f"{trainer}__nnUNetPlans__{configuration}"
 
 
 def _worker(command: str, folders: dict[str, Path], log: Path, **kwargs) -> None:
@@ -147,14 +172,14 @@ def _worker(command: str, folders: dict[str, Path], log: Path, **kwargs) -> None
 
 
 def _budget(args, iterations: int) -> dict:
-    return dict(configuration=CONFIGURATION, epochs=args.rounds * args.epochs_per_round, iterations=iterations,
-                val_iterations=args.val_iterations)
+    return dict(configuration=args.configuration, epochs=args.rounds * args.epochs_per_round,
+                iterations=iterations, val_iterations=args.val_iterations)
 
 
 def run_local(args, site: SimSite, logs: Path) -> dict:
     _worker("train", site.folders, logs / f"local-{site.name}.log", dataset=site.dataset_id,
             **_budget(args, args.iterations))
-    return {("local", site.name): model_folder(site)}
+    return {("local", site.name): model_folder(site, args.configuration)}
 
 
 def _pooled(work: Path) -> SimSite:
@@ -166,7 +191,7 @@ def run_centralized(args, sites: list[SimSite], work: Path, logs: Path) -> dict:
     synthetic.make_pooled([dataset_dir(s) for s in sites], pooled.folders["raw"], POOLED_ID, name=pooled.name)
     _worker("train", pooled.folders, logs / "centralized.log", dataset=POOLED_ID,
             pooled_from=[dataset_dir(s) for s in sites], **_budget(args, args.iterations * len(sites)))
-    return {("centralized", s.name): model_folder(pooled) for s in sites}
+    return {("centralized", s.name): model_folder(pooled, args.configuration) for s in sites}
 
 
 def dp_args(args) -> list[str]:
@@ -174,19 +199,29 @@ def dp_args(args) -> list[str]:
             "--dp-delta", str(args.dp_delta)]
 
 
+def schedule(args, method: str) -> tuple[int, int]:
+    """(rounds, epochs per round) of a federated method: the same epochs for every method."""
+    if method == "FFE-few-merges":
+        return args.rounds // FEW_MERGES, args.epochs_per_round * FEW_MERGES
+    return args.rounds, args.epochs_per_round
+
+
 def run_federation(args, method: str, sites: list[SimSite], work: Path, say, secure: dict) -> dict:
-    init = ["--configuration", CONFIGURATION, "--rounds", str(args.rounds),
-            "--epochs-per-round", str(args.epochs_per_round), "--iterations-per-epoch", str(args.iterations),
+    rounds, epochs_per_round = schedule(args, method)
+    extra = FEDERATED[method]
+    init = ["--configuration", args.configuration, "--rounds", str(rounds),
+            "--epochs-per-round", str(epochs_per_round), "--iterations-per-epoch", str(args.iterations),
             "--val-iterations", str(args.val_iterations), "--no-final-validation",
-            "--optimizer-state", args.optimizer_state, *FEDERATED[method],
+            *([] if "--optimizer-state" in extra else ["--optimizer-state", args.optimizer_state]), *extra,
             *(dp_args(args) if method == "FFE+DP" else [])]
     sim = simulate.setup(work / method, args.sites, init_args=init, seed=args.seed, n_train=args.train_cases,
-                         size=args.size)
+                         size=args.size, task=args.task, dim=args.dim)
     for fed_site, site in zip(sim.sites, sites):
         _check_same_training_data(dataset_dir(fed_site), dataset_dir(site))
     status = simulate.run_until_done(sim, say=lambda line: say(f"[{method}] {line}"))
     secure[method] = status.get("secure_aggregation")  # with DP: the epsilon spent over all rounds
-    return {(method, s.name): model_folder(s) for s in sim.sites}
+    trainer = extra[extra.index("--trainer") + 1] if "--trainer" in extra else "nnUNetTrainer"
+    return {(method, s.name): model_folder(s, args.configuration, trainer) for s in sim.sites}
 
 
 def _check_same_training_data(a: Path, b: Path) -> None:
@@ -235,13 +270,15 @@ def train_all(args, sites: list[SimSite], work: Path, logs: Path, say) -> tuple[
     return models, {name: round(seconds, 1) for name, (_, seconds) in done.items()}, secure
 
 
-def predict_all(args, models: dict, sites: list[SimSite], work: Path, logs: Path) -> dict:
-    """Predict each site's test cases with each method's model; returns the output folders."""
+def predict_all(args, models: dict, sites: list[SimSite], unseen: SimSite | None, work: Path,
+                logs: Path) -> dict:
+    """Predict each site's test cases with its model of each method, and the unseen site's
+    with every site's model; returns {(method, tested site, model's site): output folder}."""
     outputs, jobs, by_name = {}, {}, {s.name: s for s in sites}
     for (method, name), model in sorted(models.items()):
-        outputs[method, name] = work / "predictions" / method / name
-        jobs.setdefault(str(model), []).append([str(dataset_dir(by_name[name]) / "imagesTs"),
-                                                str(outputs[method, name])])
+        for tested in [by_name[name]] + ([unseen] if unseen else []):
+            out = outputs[method, tested.name, name] = work / "predictions" / method / tested.name / name
+            jobs.setdefault(str(model), []).append([str(dataset_dir(tested) / "imagesTs"), str(out)])
     folders = SimSite("predict", 0, work / "predict").folders
     _worker("predict", folders, logs / "predict.log", tta=args.tta,
             jobs=[{"model": m, "inputs": inputs} for m, inputs in jobs.items()])
@@ -250,13 +287,15 @@ def predict_all(args, models: dict, sites: list[SimSite], work: Path, logs: Path
 
 # --- the table --------------------------------------------------------------------------------
 
-def evaluate(outputs: dict, sites: list[SimSite]) -> dict:
-    """{(method, site): [per-case metrics]} from the predictions and the sites' labelsTs."""
+def evaluate(outputs: dict, sites: list[SimSite], seed: int) -> dict:
+    """{(method, site): [per-case metrics]} from the predictions and the sites' labelsTs; the
+    unseen site's cases are listed once per model that predicted them ("model": its site)."""
     per_case, by_name = {}, {s.name: s for s in sites}
-    for (method, name), folder in outputs.items():
+    for (method, name, model_site), folder in sorted(outputs.items()):
         labels = dataset_dir(by_name[name]) / "labelsTs"
-        per_case[method, name] = [{"case": f.name, **case_metrics(folder / f.name, f)}
-                                  for f in sorted(labels.glob(f"*{synthetic.FILE_ENDING}"))]
+        per_case.setdefault((method, name), []).extend(
+            {"case": f.name, "model": model_site, "seed": seed, **case_metrics(folder / f.name, f)}
+            for f in sorted(labels.glob(f"*{synthetic.FILE_ENDING}")))
     return per_case
 
 
@@ -265,40 +304,139 @@ def _nanmean(values) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def _nanstd(values) -> float:
+    """Standard deviation over seeds (n - 1); NaN with fewer than two values."""
+    values = [v for v in values if not np.isnan(v)]
+    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
+
+
 def _methods_of(keys) -> list[str]:
     """The methods among `keys` (method names, or rows' or (method, site) keys), in table order."""
     present = {k if isinstance(k, str) else k["method"] if isinstance(k, dict) else k[0] for k in keys}
     return [m for m in ALL_METHODS if m in present]
 
 
-def table_rows(per_case: dict, site_names: list[str]) -> list[dict]:
-    """Rows (method, site, label, dsc, hd95, cases): per label the mean over cases, label
-    "mean" the mean over labels; site "mean" the unweighted mean over sites."""
+def case_dsc(case: dict) -> float:
+    """A test case's DSC averaged over the labels present (NaN if none is)."""
+    return _nanmean(case[label]["dsc"] for label in LABELS.values())
+
+
+def table_rows(per_case: dict, site_names: list[str], unseen: str | None = None) -> list[dict]:
+    """Rows (method, site, label, dsc, hd95, cases, seeds, dsc_std, hd95_std).
+
+    Per seed: per label the mean over the site's test cases (the unseen site's: over its
+    cases and every model), label "mean" the mean over labels, site "mean" the unweighted
+    mean over the sites trained on (not the unseen one). Then dsc and hd95 are the mean over
+    seeds of those, *_std their standard deviation over seeds (NaN for one seed)."""
     rows = []
+    seeds = sorted({c["seed"] for cases in per_case.values() for c in cases})
     for method in _methods_of(per_case):
-        for name in site_names:
-            cases = per_case[method, name]
-            by_label = {label: {k: _nanmean(c[label][k] for c in cases) for k in ("dsc", "hd95")}
-                        for label in LABELS.values()}
-            by_label["mean"] = {k: _nanmean(m[k] for m in by_label.values()) for k in ("dsc", "hd95")}
-            rows += [dict(method=method, site=name, label=label, cases=len(cases), **m)
-                     for label, m in by_label.items()]
-        for label in (*LABELS.values(), "mean"):
-            same = [r for r in rows if r["method"] == method and r["label"] == label]
-            rows.append(dict(method=method, site="mean", label=label, cases=sum(r["cases"] for r in same),
-                             **{k: _nanmean(r[k] for r in same) for k in ("dsc", "hd95")}))
+        per_seed = {}  # (site, label) -> [(dsc, hd95) per seed]
+        for seed in seeds:
+            site_means = {}
+            for name in site_names + ([unseen] if unseen else []):
+                cases = [c for c in per_case.get((method, name), []) if c["seed"] == seed]
+                if not cases:
+                    continue
+                by_label = {label: {k: _nanmean(c[label][k] for c in cases) for k in ("dsc", "hd95")}
+                            for label in LABELS.values()}
+                by_label["mean"] = {k: _nanmean(m[k] for m in by_label.values()) for k in ("dsc", "hd95")}
+                site_means[name] = by_label
+                for label, m in by_label.items():
+                    per_seed.setdefault((name, label), []).append((m["dsc"], m["hd95"], len(cases)))
+            trained = [site_means[n] for n in site_names if n in site_means]
+            for label in (*LABELS.values(), "mean"):
+                per_seed.setdefault(("mean", label), []).append(
+                    (_nanmean(t[label]["dsc"] for t in trained), _nanmean(t[label]["hd95"] for t in trained),
+                     sum(len([c for c in per_case.get((method, n), []) if c["seed"] == seed])
+                         for n in site_names)))
+        for name in site_names + ["mean"] + ([unseen] if unseen else []):
+            for label in (*LABELS.values(), "mean"):
+                values = per_seed.get((name, label))
+                if not values:
+                    continue
+                dsc, hd, n = zip(*values)
+                rows.append(dict(method=method, site=name, label=label, cases=sum(n), seeds=len(values),
+                                 dsc=_nanmean(dsc), hd95=_nanmean(hd), dsc_std=_nanstd(dsc), hd95_std=_nanstd(hd)))
     return rows
 
 
-def markdown(rows: list[dict], label: str = "mean", dp: dict | None = None) -> str:
-    """The paper-style table: a row per method, DSC and HD95 (mm) per site and averaged; with
-    `dp` (the FFE+DP row's setting and epsilon) a line on it below."""
-    sites = list(dict.fromkeys(r["site"] for r in rows))
+# --- paired comparisons ----------------------------------------------------------------------
+
+def comparisons(methods: list[str]) -> list[tuple[str, str]]:
+    """(method, reference) pairs: every method against centralized and every federated one
+    against local; p2pfed's asym rule against the reference rule; FFE's variants against FFE."""
+    pairs = [(m, "centralized") for m in methods if m != "centralized"]
+    pairs += [(m, "local") for m in methods if m in FEDERATED]
+    pairs += [("AsymFedAvg", "AsymFedAvg-ref")] + [(v, "FFE") for v in VARIANTS + SECURE_METHODS]
+    return [(a, b) for a, b in dict.fromkeys(pairs) if a in methods and b in methods]
+
+
+def bootstrap_ci(d: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile bootstrap interval of the mean of `d` (resampling its entries)."""
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, len(d), (resamples, len(d)))].mean(axis=1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def paired(per_case: dict, a: str, b: str, site_names: list[str], unseen: str | None = None) -> dict:
+    """Per-case DSC of `a` minus `b` on the same test cases (same seed, site, case and, at the
+    unseen site, the model of the same site), per site, over all trained sites ("mean"),
+    and at the unseen site: {site: {"diff", "low", "high", "cases"}}."""
+    def by_key(method, name):
+        return {(c["seed"], c["model"], c["case"]): case_dsc(c) for c in per_case.get((method, name), [])}
+
+    out, pooled = {}, []
+    for name in site_names + ([unseen] if unseen else []):
+        x, y = by_key(a, name), by_key(b, name)
+        d = np.array([x[k] - y[k] for k in sorted(set(x) & set(y)) if not np.isnan(x[k] - y[k])])
+        if name != unseen:
+            pooled.append(d)
+        if len(d):
+            out[name] = _summary(d)
+    if pooled and sum(map(len, pooled)):
+        out["mean"] = _summary(np.concatenate(pooled))
+    return out
+
+
+def _summary(d: np.ndarray) -> dict:
+    low, high = bootstrap_ci(d)
+    return {"diff": float(d.mean()), "low": low, "high": high, "cases": int(len(d))}
+
+
+def paired_markdown(pairs: dict, columns: list[str], unseen: str | None) -> str:
+    head = [("trained sites" if c == "mean" else f"{c} (unseen)" if c == unseen else c) for c in columns]
+    lines = ["| DSC difference, 95 % CI | " + " | ".join(head) + " |", "|---|" + "---:|" * len(columns)]
+    for name, by_site in pairs.items():
+        cells = [f"{v['diff']:+.3f} [{v['low']:+.3f}, {v['high']:+.3f}]" if (v := by_site.get(c)) else ""
+                 for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# --- outputs ---------------------------------------------------------------------------------
+
+def _columns(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["site"] for r in rows))
+
+
+def markdown(rows: list[dict], label: str = "mean", dp: dict | None = None, unseen: str | None = None) -> str:
+    """The paper-style table: a row per method, DSC and HD95 (mm) per site, over the trained
+    sites and at the unseen site; mean ± standard deviation over seeds when there are several;
+    with `dp` (the FFE+DP row's setting and epsilon) a line on it below."""
+    sites = _columns(rows)
     cell = {(r["method"], r["site"]): r for r in rows if r["label"] == label}
-    lines = ["| method | " + " | ".join(f"{s} DSC | {s} HD95" for s in sites) + " |",
+    head = [("mean" if s == "mean" else f"{s} (unseen)" if s == unseen else s) for s in sites]
+    lines = ["| method | " + " | ".join(f"{s} DSC | {s} HD95" for s in head) + " |",
              "|---|" + "---:|---:|" * len(sites)]
+
+    def fmt(r, key, digits):
+        std = r.get(f"{key}_std", float("nan"))
+        return f"{r[key]:.{digits}f}" + ("" if std is None or np.isnan(std) else f" ± {std:.{digits}f}")
+
     for method in _methods_of(rows):
-        values = [f"{cell[method, s]['dsc']:.3f} | {cell[method, s]['hd95']:.2f}" for s in sites]
+        values = [f"{fmt(cell[method, s], 'dsc', 3)} | {fmt(cell[method, s], 'hd95', 2)}" if (method, s) in cell
+                  else " | " for s in sites]
         lines.append(f"| {method} | " + " | ".join(values) + " |")
     if dp:
         lines += ["", f"FFE+DP: clip C = {dp['clip']:g}, noise multiplier z = {dp['noise_multiplier']:g}, "
@@ -306,45 +444,64 @@ def markdown(rows: list[dict], label: str = "mean", dp: dict | None = None) -> s
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Grouped bars per site (and the mean): DSC left, HD95 right, one bar per method."""
+def plot(rows: list[dict], path: Path, unseen: str | None = None) -> None:
+    """Grouped bars per site (the mean, the unseen site): DSC left, HD95 right, one bar per
+    method, with the standard deviation over seeds as error bars when there are several."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sites = list(dict.fromkeys(r["site"] for r in rows))
+    sites = _columns(rows)
     cell = {(r["method"], r["site"]): r for r in rows if r["label"] == "mean"}
     methods = _methods_of(rows)  # the methods of this run, in table order
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.6 * len(sites) * 2), 3.6))
     width = 0.8 / len(methods)
     for ax, key, title in zip(axes, ("dsc", "hd95"), ("DSC (higher is better)", "HD95 in mm (lower is better)")):
         for i, method in enumerate(methods):
-            ax.bar(np.arange(len(sites)) + (i - (len(methods) - 1) / 2) * width,
-                   [cell[method, s][key] for s in sites], width, label=method)
-        ax.set_xticks(range(len(sites)), sites)
+            values = [cell[method, s][key] if (method, s) in cell else np.nan for s in sites]
+            errors = [cell[method, s].get(f"{key}_std", np.nan) if (method, s) in cell else np.nan for s in sites]
+            ax.bar(np.arange(len(sites)) + (i - (len(methods) - 1) / 2) * width, values, width, label=method,
+                   yerr=None if np.all(np.isnan(errors)) else np.nan_to_num(errors), capsize=2)
+        ax.set_xticks(range(len(sites)), [f"{s}\n(unseen)" if s == unseen else s for s in sites])
         ax.set_title(title, fontsize=10)
     # near-perfect scores would be indistinguishable bars on a 0..1 axis: start at a tenth below
-    low = max(0.0, np.floor(min(cell[m, s]["dsc"] for m in methods for s in sites) * 10 - 0.5) / 10)
+    low = max(0.0, np.floor(np.nanmin([cell[k]["dsc"] for k in cell]) * 10 - 0.5) / 10)
     axes[0].set_ylim(low, 1)
     if low:
         axes[0].set_title(f"DSC (higher is better; axis starts at {low:.1f})", fontsize=10)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=len(methods), fontsize=8,
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=min(len(methods), 6), fontsize=8,
                frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.tight_layout(rect=(0, 0.07 * (1 + (len(methods) - 1) // 6), 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
 
-def write_outputs(out: Path, rows: list[dict], per_case: dict, meta: dict) -> None:
+CSV_FIELDS = ["method", "site", "label", "cases", "seeds", "dsc", "dsc_std", "hd95", "hd95_std"]
+
+
+def write_outputs(out: Path, per_case: dict, meta: dict) -> str:
+    """quality.{csv,json,md,png} from the per-case metrics; returns the Markdown."""
+    sites, unseen = meta["site_names"], meta.get("unseen_site")
+    rows = table_rows(per_case, sites, unseen)
+    methods = _methods_of(rows)
+    pairs = {f"{a} − {b}": paired(per_case, a, b, sites, unseen) for a, b in comparisons(methods)}
     with open(out / "quality.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["method", "site", "label", "cases", "dsc", "hd95"])
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
     cases = [{"method": m, "site": s, **c} for (m, s), cs in sorted(per_case.items()) for c in cs]
-    (out / "quality.json").write_text(json.dumps({**meta, "rows": rows, "cases": cases}, indent=1))
-    (out / "quality.md").write_text(markdown(rows, dp=meta.get("dp")))
-    plot(rows, out / "quality.png")
+    (out / "quality.json").write_text(json.dumps({**meta, "rows": rows, "paired": pairs, "cases": cases}, indent=1))
+    seeds = sorted({c["seed"] for c in cases})
+    text = (markdown(rows, dp=meta.get("dp"), unseen=unseen)
+            + f"\nSeeds: {', '.join(map(str, seeds))}" + (" (mean ± standard deviation over seeds)" if len(seeds) > 1
+                                                          else "") + ".\n"
+            + ("\nPaired per-case DSC differences (mean, 95 % bootstrap interval over test cases"
+               + (", seeds pooled" if len(seeds) > 1 else "") + "):\n\n"
+               + paired_markdown(pairs, sites + ["mean"] + ([unseen] if unseen else []), unseen) if pairs else ""))
+    (out / "quality.md").write_text(text)
+    plot(rows, out / "quality.png", unseen)
+    return text
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -354,48 +511,65 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="folder for quality.{csv,json,md,png}")
     p.add_argument("--quick", action="store_true", help="tiny settings (a few minutes): the test's")
+    p.add_argument("--task", choices=synthetic.TASKS, default="hard",
+                   help="synthetic task and its preset [default: hard, the study's]")
+    p.add_argument("--configuration", choices=["2d", "3d_fullres"], default="2d",
+                   help="nnU-Net configuration; 3d_fullres trains on 3-D volumes")
     p.add_argument("--sites", type=int)
     p.add_argument("--rounds", type=int, help="federated rounds")
     p.add_argument("--epochs-per-round", type=int)
     p.add_argument("--iterations", type=int, help="nnU-Net iterations per epoch (per site)")
     p.add_argument("--val-iterations", type=int)
-    p.add_argument("--train-cases", type=int, help="training cases per site [default: heterogeneous]")
+    p.add_argument("--train-cases", type=int, nargs="+", help="labelled cases per site, one value or one per "
+                                                             "site [default: the task's]")
     p.add_argument("--test-cases", type=int, help="held-out test cases per site")
-    p.add_argument("--size", type=int, nargs=2, help="image size at the nominal spacing (H W)")
+    p.add_argument("--unseen", action=argparse.BooleanOptionalAction,
+                   help="test every model on a site that none trains on (hard task)")
+    p.add_argument("--size", type=int, nargs="+", help="image size at the nominal spacing (H W, or Z Y X)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="mirroring at prediction")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--optimizer-state", choices=["local", "reset"], default="local",
                    help="federated methods: each site's SGD momentum after a merge (p2pfed init --optimizer-state)")
     p.add_argument("--jobs", type=int, default=1, help="methods trained at the same time")
     p.add_argument("--workdir", type=Path, help="keep the sites, models and predictions here [default: temporary]")
-    p.add_argument("--methods", help=f"comma-separated, of {','.join(ALL_METHODS)} [default: all; "
+    p.add_argument("--methods", help=f"comma-separated, of {','.join(ALL_METHODS)} [default: {','.join(METHODS)}; "
                                      f"{','.join(SECURE_METHODS)} only with --sites {MIN_SECURE_SITES} or more]")
     p.add_argument("--dp-clip", type=float, default=DP_CLIP, help="FFE+DP: the L2 bound of each site's update")
     p.add_argument("--dp-noise-multiplier", type=float, default=DP_NOISE_MULTIPLIER,
                    help="FFE+DP: the aggregate's noise std over --dp-clip")
     p.add_argument("--dp-delta", type=float, default=DP_DELTA, help="FFE+DP: the delta epsilon is reported for")
     p.add_argument("--merge", type=Path, nargs="+", metavar="RUN",
-                   help="no training: combine the quality.json of these earlier runs (same settings, "
-                        "different methods) into --out")
+                   help="no training: combine the quality.json of these earlier runs (same settings; "
+                        "different methods or seeds) into --out")
     args = p.parse_args(argv)
-    for key, value in PRESETS["quick" if args.quick else "default"].items():
+    given_cases = args.train_cases
+    for key, value in PRESETS["quick" if args.quick else args.task].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.dim = 3 if args.configuration == "3d_fullres" else 2
+    if args.train_cases:  # one value for all sites, or the preset's cycled over --sites
+        if given_cases and len(given_cases) not in (1, args.sites):
+            p.error(f"--train-cases: give one value or {args.sites}")
+        args.train_cases = [args.train_cases[i % len(args.train_cases)] for i in range(args.sites)]
     if args.merge:
         if args.methods:
             p.error("--merge takes the methods of the runs it merges, not --methods")
         return args
-    if args.methods is None:
-        args.methods = list(ALL_METHODS if args.sites >= MIN_SECURE_SITES else METHODS)
-    else:
-        args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-        unknown = [m for m in args.methods if m not in ALL_METHODS]
-        if unknown or not args.methods:
-            p.error(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {','.join(ALL_METHODS)}")
-        secure = [m for m in args.methods if m in SECURE_METHODS]
-        if secure and args.sites < MIN_SECURE_SITES:
-            p.error(f"--methods {','.join(secure)}: secure aggregation needs --sites {MIN_SECURE_SITES} or more")
-        args.methods = [m for m in ALL_METHODS if m in args.methods]
+    if args.unseen and args.sites >= synthetic.hard_profiles():
+        p.error(f"--unseen: the unseen site is site {synthetic.hard_profiles()}; use --sites "
+                f"{synthetic.hard_profiles() - 1} or fewer")
+    if args.size and len(args.size) != args.dim:
+        p.error(f"--size: give {args.dim} values for {args.configuration}")
+    methods = METHODS if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown or not methods:
+        p.error(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {','.join(ALL_METHODS)}")
+    secure = [m for m in methods if m in SECURE_METHODS]
+    if secure and args.sites < MIN_SECURE_SITES:
+        p.error(f"--methods {','.join(secure)}: secure aggregation needs --sites {MIN_SECURE_SITES} or more")
+    if "FFE-few-merges" in methods and args.rounds % FEW_MERGES:
+        p.error(f"--methods FFE-few-merges: --rounds must be a multiple of {FEW_MERGES}")
+    args.methods = [m for m in ALL_METHODS if m in methods]
     return args
 
 
@@ -405,38 +579,51 @@ def _dp(secure: dict) -> dict | None:
     return {"method": "FFE+DP", **doc} if doc else None
 
 
+def _cases_of(doc: dict) -> dict:
+    """{(method, site): [cases]} of a quality.json; runs before seeds and the unseen site were
+    recorded get the run's seed and the site's own model."""
+    per_case = {}
+    for c in doc["cases"]:
+        c = {"seed": doc["settings"].get("seed", 0), "model": c["site"], **c}
+        per_case.setdefault((c.pop("method"), c.pop("site")), []).append(c)
+    return per_case
+
+
 def merge(args) -> int:
-    """Combine earlier runs' quality.json (each method from one run only) into --out."""
+    """Combine earlier runs' quality.json (each method and seed from one run only) into --out."""
     docs = [(run, json.loads((run / "quality.json").read_text())) for run in args.merge]
     first_run, first = docs[0]
     for run, doc in docs[1:]:
         differ = [k for k in SAME_SETTINGS if doc["settings"].get(k) != first["settings"].get(k)]
         if differ:
             raise SystemExit(f"--merge: {run} and {first_run} differ in {', '.join(differ)}; not comparable")
-    owner = {}
+    owner, per_case = {}, {}
     for run, doc in docs:
-        for method in _methods_of(doc["rows"]):
-            if method in owner:
-                raise SystemExit(f"--merge: {method} is in both {owner[method]} and {run}")
-            owner[method] = run
-    rows = [r for m in _methods_of(owner) for _, doc in docs for r in doc["rows"] if r["method"] == m]
-    per_case = {}
-    for _, doc in docs:
-        for c in doc["cases"]:
-            per_case.setdefault((c["method"], c["site"]), []).append(
-                {k: v for k, v in c.items() if k not in ("method", "site")})
+        seed = doc["settings"].get("seed", 0)
+        for method in _methods_of(doc["cases"]):
+            if (method, seed) in owner:
+                raise SystemExit(f"--merge: {method} with seed {seed} is in both {owner[method, seed]} and {run}")
+            owner[method, seed] = run
+        for key, cases in _cases_of(doc).items():
+            per_case.setdefault(key, []).extend(cases)
     dp = next((doc["dp"] for _, doc in docs if doc.get("dp")), None)
-    meta = {"settings": {k: first["settings"].get(k) for k in SAME_SETTINGS}, "methods": _methods_of(owner),
-            "steps_per_site": first["steps_per_site"],
-            "merged_from": [{"run": str(run), "methods": _methods_of(doc["rows"]), "settings": doc["settings"],
+    meta = {"settings": {k: first["settings"].get(k) for k in SAME_SETTINGS},
+            "site_names": first.get("site_names") or [s for s in _columns(first["rows"]) if s != "mean"],
+            "unseen_site": first.get("unseen_site"), "methods": _methods_of(per_case),
+            "seeds": sorted({seed for _, seed in owner}), "steps_per_site": first["steps_per_site"],
+            "merged_from": [{"run": str(run), "methods": _methods_of(doc["cases"]), "settings": doc["settings"],
                              "machine": doc.get("machine"), "wall_s": doc.get("wall_s")} for run, doc in docs],
             "secure_aggregation": {k: v for _, doc in docs for k, v in (doc.get("secure_aggregation") or {}).items()},
             "dp": dp, "wall_s": {}}
     args.out.mkdir(parents=True, exist_ok=True)
-    write_outputs(args.out, rows, per_case, meta)
-    print(markdown(rows, dp=dp))
-    print("methods from: " + "; ".join(f"{run}: {', '.join(_methods_of(doc['rows']))}" for run, doc in docs))
+    print(write_outputs(args.out, per_case, meta))
+    print("methods from: " + "; ".join(f"{run}: {', '.join(_methods_of(doc['cases']))}" for run, doc in docs))
     return 0
+
+
+def _settings(args) -> dict:
+    """The run's settings as JSON, without this machine's paths."""
+    return {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("workdir",)}
 
 
 def main(argv=None) -> int:
@@ -452,17 +639,23 @@ def main(argv=None) -> int:
         logs.mkdir(exist_ok=True)
         # The local sites' folders hold the test cases every method is evaluated on.
         sites = simulate.make_sites(work / "local", args.sites, seed=args.seed, n_train=args.train_cases,
-                                    n_test=args.test_cases, size=args.size)
+                                    n_test=args.test_cases, size=args.size, task=args.task, dim=args.dim)
+        unseen = None
+        if args.unseen:  # test cases only: no method trains on it
+            index = synthetic.hard_profiles() - 1
+            unseen = SimSite(synthetic.site_name(index), 101 + index, work / "unseen")
+            synthetic.make_site(unseen.folders["raw"], unseen.dataset_id, index, n_train=0, n_test=args.test_cases,
+                                dim=args.dim, size=args.size, seed=args.seed, task=args.task)
         models, wall, secure = train_all(args, sites, work, logs, say)
-        per_case = evaluate(predict_all(args, models, sites, work, logs), sites)
-    rows = table_rows(per_case, [s.name for s in sites])
+        per_case = evaluate(predict_all(args, models, sites, unseen, work, logs), sites + ([unseen] if unseen else []),
+                            args.seed)
     wall["total"] = round(time.monotonic() - started, 1)
-    meta = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    meta = {"settings": _settings(args), "site_names": [s.name for s in sites],
+            "unseen_site": unseen.name if unseen else None,
             "steps_per_site": args.rounds * args.epochs_per_round * args.iterations,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
             "wall_s": wall, "secure_aggregation": secure, "dp": _dp(secure)}
-    write_outputs(args.out, rows, per_case, meta)
-    say("\n" + markdown(rows, dp=meta["dp"]))
+    say("\n" + write_outputs(args.out, per_case, meta))
     say(f"{meta['steps_per_site']} optimizer steps per site; wall {wall}; written to {args.out}")
     return 0
 

@@ -61,7 +61,7 @@ class Simulation:
 
 
 def make_sites(workdir: Path, n_sites: int, *, dim: int = 2, seed: int = 0, n_train=None,
-               n_test: int = 2, channels=("CT",), size=None) -> list[SimSite]:
+               n_test: int = 2, channels=("CT",), size=None, task: str = "easy") -> list[SimSite]:
     from .synthetic import make_site, site_name, trainable_cases
 
     sites = []
@@ -70,17 +70,18 @@ def make_sites(workdir: Path, n_sites: int, *, dim: int = 2, seed: int = 0, n_tr
         n = n_train[i] if isinstance(n_train, (list, tuple)) else n_train if n_train is not None \
             else trainable_cases(i)
         make_site(site.folders["raw"], site.dataset_id, i, n_train=n, n_test=n_test, dim=dim, size=size,
-                  seed=seed, channels=channels)
+                  seed=seed, channels=channels, task=task)
         sites.append(site)
     return sites
 
 
 def setup(workdir: str | Path, n_sites: int = 3, *, storage: str | None = None, init_args: list[str] = (),
-          dim: int = 2, seed: int = 0, n_train=None, n_test: int = 2, channels=("CT",), size=None) -> Simulation:
+          dim: int = 2, seed: int = 0, n_train=None, n_test: int = 2, channels=("CT",), size=None,
+          task: str = "easy") -> Simulation:
     """Generate the sites and form the federation (init, join, admit with fingerprints)."""
     workdir = Path(workdir).absolute()
     sites = make_sites(workdir, n_sites, dim=dim, seed=seed, n_train=n_train, n_test=n_test, channels=channels,
-                       size=size)
+                       size=size, task=task)
     sim = Simulation(workdir, storage or str(workdir / "shared"), sites, workdir / "home")
 
     def local(site: SimSite) -> list[str]:

@@ -7,6 +7,14 @@ channel is in fixed Hounsfield-like units (nnU-Net's CTNormalization uses the fe
 fingerprint), the MRI-like channel has an arbitrary per-site scale, offset and bias field
 (ZScoreNormalization). Everything is a deterministic function of (seed, site, split, case).
 
+Two tasks. "easy" (the default): one ellipsoidal organ and round bright lesions, so a site
+alone learns it from a handful of cases. "hard": what more cases (and so other sites) help
+with. Organs are rotated and lobulated and vary in size from case to case; lesions come in
+three kinds (bright, dark, ring-enhancing) whose mix differs from site to site, so a site sees
+few of its rarer kinds; a bright distractor structure (labelled background) often lies next to
+the organ; the tissue has a smooth texture; and the scanners differ more (noise, contrast,
+offsets). Its fourth site ("SiteD") is meant as a site no model trains on (hard_profiles).
+
 Geometry is defined in millimetres, so a site with finer spacing gets larger images and
 larger organs in voxels, as real scanners do. 2-D data is stored as 1 x H x W volumes with
 a 999 mm slice spacing, the nnU-Net convention for 2-D NIfTI.
@@ -22,6 +30,8 @@ from typing import Sequence
 import numpy as np
 import SimpleITK as sitk
 
+from scipy import ndimage
+
 from .ffe import dataset_info, merge_dataset_info
 
 FILE_ENDING = ".nii.gz"
@@ -30,6 +40,8 @@ CHANNELS = ("CT", "MRI")
 DEFAULT_SIZE = {2: (48, 48), 3: (24, 32, 32)}  # voxels at the nominal spacing
 NOMINAL_SPACING = {2: (999.0, 1.0, 1.0), 3: (3.0, 1.0, 1.0)}
 DEFAULT_TRAIN_CASES = (6, 10, 4, 8, 5, 7)
+TASKS = ("easy", "hard")
+LESION_KINDS = ("bright", "dark", "ring")
 
 
 def trainable_cases(i: int) -> int:
@@ -44,6 +56,15 @@ _SCANNERS = (
     ((1.0, 1.0), 3.0, 0.00, 1.00, (1, 2), 0.0, 1.0, 12.0, 400.0, 0.0, 0.10),
     ((0.75, 0.8), 2.0, 0.14, 1.25, (2, 4), 25.0, 1.6, 25.0, 2500.0, 300.0, 0.35),
     ((1.4, 1.3), 5.0, 0.06, 0.80, (1, 1), -30.0, 0.7, 8.0, 60.0, 10.0, 0.05),
+)
+# The hard task's scanners: the same fields, then the site's mix of lesion kinds (bright, dark,
+# ring) and its tissue texture (HU). Each of the first three sites mostly sees one kind; the
+# fourth, the unseen site, sees all three alike on a scanner unlike the others.
+_HARD_SCANNERS = (
+    ((1.0, 1.0), 3.0, 0.00, 1.00, (1, 2), 0.0, 1.0, 10.0, 400.0, 0.0, 0.10, (0.7, 0.15, 0.15), 6.0),
+    ((0.75, 0.8), 2.0, 0.14, 1.20, (1, 3), 40.0, 1.5, 28.0, 2500.0, 300.0, 0.35, (0.15, 0.7, 0.15), 12.0),
+    ((1.4, 1.3), 5.0, 0.06, 0.85, (0, 2), -40.0, 0.65, 14.0, 60.0, 10.0, 0.05, (0.15, 0.15, 0.7), 8.0),
+    ((0.9, 1.1), 4.0, 0.10, 1.10, (1, 2), 20.0, 1.2, 20.0, 900.0, 50.0, 0.20, (1 / 3, 1 / 3, 1 / 3), 10.0),
 )
 
 
@@ -63,6 +84,9 @@ class SiteProfile:
     mri_scale: float
     mri_offset: float
     mri_bias: float
+    task: str = "easy"
+    lesion_mix: tuple[float, float, float] = (1.0, 0.0, 0.0)  # P(bright), P(dark), P(ring): hard task
+    texture: float = 0.0  # std of the smooth tissue texture (HU): hard task
 
 
 def site_name(site_index: int) -> str:
@@ -71,26 +95,41 @@ def site_name(site_index: int) -> str:
 
 
 def site_profile(site_index: int, *, dim: int = 2, size: Sequence[int] | None = None,
-                 seed: int = 0) -> SiteProfile:
+                 seed: int = 0, task: str = "easy") -> SiteProfile:
     """The scanner of site `site_index` (deterministic)."""
     if dim not in (2, 3):
         raise ValueError(f"dim must be 2 or 3, not {dim}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, not {task!r}")
     rng = np.random.default_rng([seed, site_index, 0])
-    if site_index < len(_SCANNERS):
-        inplane, z, margin, organ, lesions, *intensity = _SCANNERS[site_index]
+    scanners = _SCANNERS if task == "easy" else _HARD_SCANNERS
+    hard = {}
+    if site_index < len(scanners):
+        inplane, z, margin, organ, lesions, *intensity = scanners[site_index]
+        if task == "hard":
+            *intensity, mix, texture = intensity
+            hard = dict(lesion_mix=tuple(mix), texture=float(texture))
     else:
         inplane = tuple(rng.uniform(0.7, 1.5, 2).round(2))
         z, margin, organ = round(rng.uniform(1.5, 5.0), 1), rng.uniform(0, 0.15), rng.uniform(0.8, 1.3)
         lesions = (1, int(rng.integers(1, 4)))
         intensity = [rng.uniform(-30, 30), rng.uniform(0.7, 1.6), rng.uniform(8, 25),
                      10 ** rng.uniform(1.5, 3.5), rng.uniform(0, 300), rng.uniform(0.05, 0.35)]
+        if task == "hard":
+            mix = rng.dirichlet([1.0, 1.0, 1.0])
+            hard = dict(lesion_mix=tuple(float(m) for m in mix / mix.sum()), texture=float(rng.uniform(5, 12)))
     spacing = ((999.0,) if dim == 2 else (float(z),)) + tuple(float(s) for s in inplane)
     nominal_shape = (1,) + tuple(size or DEFAULT_SIZE[2]) if dim == 2 else tuple(size or DEFAULT_SIZE[3])
     # Same physical field of view everywhere: finer spacing, more voxels.
     shape = tuple(n if dim == 2 and axis == 0 else max(8, round(n * nom / sp))
                   for axis, (n, nom, sp) in enumerate(zip(nominal_shape, NOMINAL_SPACING[dim], spacing)))
     return SiteProfile(site_name(site_index), spacing, shape, float(margin), float(organ), tuple(lesions),
-                       *(float(v) for v in intensity))
+                       *(float(v) for v in intensity), task=task, **hard)
+
+
+def hard_profiles() -> int:
+    """How many hand-made scanners the hard task has; the last is its unseen site."""
+    return len(_HARD_SCANNERS)
 
 
 def _ellipsoid(grid: list[np.ndarray], center, radii) -> np.ndarray:
@@ -118,18 +157,106 @@ def _draw_case(p: SiteProfile, rng: np.random.Generator, channels: Sequence[str]
         radius = min_r * rng.uniform(0.25, 0.4)
         label[organ & _ellipsoid(grid, centre, [max(radius, s) for s in p.spacing])] = 2
 
-    fov = np.ones(p.shape, dtype=bool)
-    for axis in range(1, 3):  # zero margin in-plane, site-specific and slightly per case
-        cut = int(round(p.shape[axis] * p.margin * rng.uniform(0.8, 1.2)))
-        if cut:
-            index = [slice(None)] * 3
-            index[axis] = np.r_[0:cut, p.shape[axis] - cut:p.shape[axis]]
-            fov[tuple(index)] = False
+    fov = _field_of_view(p, rng)
     label[~fov] = 0
 
     images = [_ct(p, rng, body, label) if c == "CT" else _mri(p, rng, grid, half, body, label)
               for c in channels]
     return [np.where(fov, im, 0).astype(im.dtype) for im in images], label
+
+
+def _lobulated(grid, center, radii, rng) -> np.ndarray:
+    """An ellipsoid rotated in-plane by a random angle, its in-plane boundary rippled by the
+    2nd-4th angular harmonics (a lobulated organ): a different shape every case."""
+    dz, dy, dx = (g - c for g, c in zip(grid, center))
+    angle = rng.uniform(0, np.pi)
+    u, v = dy * np.cos(angle) - dx * np.sin(angle), dy * np.sin(angle) + dx * np.cos(angle)
+    rho = np.sqrt((dz / radii[0]) ** 2 + (u / radii[1]) ** 2 + (v / radii[2]) ** 2)
+    phi = np.arctan2(u / radii[1], v / radii[2])
+    boundary = 1 + sum(rng.uniform(0, 0.16) * np.cos(k * phi + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 4))
+    return rho <= boundary
+
+
+def _smooth_noise(rng, shape, spacing, mm: float) -> np.ndarray:
+    """Unit-std Gaussian noise smoothed over about `mm` millimetres (tissue texture)."""
+    sigma = [0 if n == 1 else mm / s for n, s in zip(shape, spacing)]
+    field = ndimage.gaussian_filter(rng.normal(0.0, 1.0, shape), sigma)
+    return field / max(field.std(), 1e-9)
+
+
+def _draw_hard_case(p: SiteProfile, rng: np.random.Generator, channels: Sequence[str]):
+    """One case of the hard task: (list of channel arrays, label array)."""
+    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(p.shape, p.spacing)]
+    grid = list(np.meshgrid(*axes, indexing="ij"))
+    flat = p.shape[0] == 1
+    if flat:
+        grid[0] = np.zeros_like(grid[0])
+    half = [n * s / 2 for n, s in zip(p.shape, p.spacing)]
+
+    body_r = [h * rng.uniform(0.75, 0.9) for h in half]
+    body = _ellipsoid(grid, [0.0] * 3, body_r)
+    scale = p.organ_scale * rng.uniform(0.75, 1.25)
+    organ_r = [r * 0.5 * scale * rng.uniform(0.8, 1.2) for r in body_r]
+    organ_c = [0.0 if flat and axis == 0 else r * rng.uniform(-0.25, 0.25) for axis, r in enumerate(body_r)]
+    organ = body & _lobulated(grid, organ_c, organ_r, rng)
+    label = organ.astype(np.uint8)
+    # contrast: HU-like difference to plain tissue (organ enhancement, lesions, distractor)
+    contrast = np.zeros(p.shape)
+    contrast[organ] = p.ct_contrast * rng.uniform(30, 60)
+    min_r = min(r for r, n in zip(organ_r, p.shape) if n > 1)
+
+    # a bright structure beside the organ, as bright as the organ, that is not the organ
+    if rng.uniform() < 0.6:
+        direction = rng.normal(0.0, 1.0, 3) * [0.0 if flat else 1.0, 1.0, 1.0]
+        direction /= np.linalg.norm(direction)
+        centre = [c + d * r * rng.uniform(1.1, 1.5) for c, d, r in zip(organ_c, direction, organ_r)]
+        blob = body & ~organ & _ellipsoid(grid, centre, [max(min_r * rng.uniform(0.35, 0.6), s) for s in p.spacing])
+        contrast[blob] = p.ct_contrast * rng.uniform(30, 60)
+
+    inside = np.argwhere(organ)
+    for _ in range(int(rng.integers(p.lesions[0], p.lesions[1] + 1)) if len(inside) else 0):
+        kind = LESION_KINDS[rng.choice(3, p=p.lesion_mix)]
+        centre = [ax[i] for ax, i in zip(axes, inside[rng.integers(len(inside))])]
+        if flat:
+            centre[0] = 0.0
+        radius = min_r * rng.uniform(0.2, 0.4)
+        radii = [max(radius, s) for s in p.spacing]
+        lesion = organ & _ellipsoid(grid, centre, radii)
+        label[lesion] = 2
+        if kind == "bright":
+            contrast[lesion] = p.ct_contrast * rng.uniform(90, 130)
+        elif kind == "dark":
+            contrast[lesion] = -p.ct_contrast * rng.uniform(20, 40)
+        else:  # ring: an enhancing rim around a dark core
+            core = lesion & _ellipsoid(grid, centre, [r * 0.55 for r in radii])
+            contrast[lesion] = p.ct_contrast * rng.uniform(90, 130)
+            contrast[core] = -p.ct_contrast * rng.uniform(10, 30)
+    contrast += p.texture * _smooth_noise(rng, p.shape, p.spacing, 2.0) * body
+
+    fov = _field_of_view(p, rng)
+    label[~fov] = 0
+    images = []
+    for c in channels:
+        if c == "CT":
+            hu = np.where(body, 40.0 + contrast, -1000.0) + p.ct_offset + rng.normal(0.0, p.ct_noise, p.shape)
+            hu = np.round(hu)
+            hu[hu == 0] = 1
+            images.append(hu.astype(np.int16))
+        else:  # MRI-like: organ and bright lesions darker, dark lesions brighter than tissue
+            images.append(_mri_signal(p, rng, grid, half, np.where(body, 0.8 - contrast / 250, 0.02)))
+    return [np.where(fov, im, 0).astype(im.dtype) for im in images], label
+
+
+def _field_of_view(p: SiteProfile, rng) -> np.ndarray:
+    """In-plane zero margins, site-specific and slightly per case."""
+    fov = np.ones(p.shape, dtype=bool)
+    for axis in range(1, 3):
+        cut = int(round(p.shape[axis] * p.margin * rng.uniform(0.8, 1.2)))
+        if cut:
+            index = [slice(None)] * 3
+            index[axis] = np.r_[0:cut, p.shape[axis] - cut:p.shape[axis]]
+            fov[tuple(index)] = False
+    return fov
 
 
 def _ct(p: SiteProfile, rng, body, label) -> np.ndarray:
@@ -149,6 +276,12 @@ def _mri(p: SiteProfile, rng, grid, half, body, label) -> np.ndarray:
     signal = np.where(body, 0.8, 0.02)
     signal[label == 1] = 0.55 * rng.uniform(0.9, 1.1)
     signal[label == 2] = 0.3 * rng.uniform(0.8, 1.2)
+    return _mri_signal(p, rng, grid, half, signal)
+
+
+def _mri_signal(p: SiteProfile, rng, grid, half, signal) -> np.ndarray:
+    """The site's scale, offset, bias field and noise on a relative signal (0.02 outside the body)."""
+    body = signal > 0.02
     slope = rng.normal(0.0, 1.0, 2)
     bias = np.exp(p.mri_bias * (slope[0] * grid[1] / half[1] + slope[1] * grid[2] / half[2]))
     mri = p.mri_scale * (signal * bias + rng.normal(0.0, 0.03, signal.shape)) + p.mri_offset * body
@@ -174,16 +307,19 @@ def _dataset_json(name: str, channels: Sequence[str], n_train: int, description:
 
 def make_site(raw_root: str | Path, dataset_id: int, site_index: int, *, n_train: int, n_test: int = 2,
               dim: int = 2, size: Sequence[int] | None = None, seed: int = 0,
-              channels: Sequence[str] = ("CT",), name: str | None = None) -> Path:
+              channels: Sequence[str] = ("CT",), name: str | None = None, task: str = "easy") -> Path:
     """Write one site's raw dataset `Dataset{id:03d}_{name}` under raw_root; return its folder.
 
     `size` is the image size at the nominal spacing ((H, W) for 2-D, (Z, Y, X) for 3-D); each
     site scales it to its own spacing. `channels` is taken from "CT" and "MRI", in order.
-    Case identifiers start with the site name, so the pooled union has no collisions."""
+    `task` is "easy" or "hard" (module docstring). Case k is the same whatever n_train, so a
+    larger n_train adds cases. Case identifiers start with the site name, so the pooled union
+    has no collisions."""
     channels = tuple(c.upper() for c in channels)
     if not channels or any(c not in CHANNELS for c in channels):
         raise ValueError(f"channels must be taken from {CHANNELS}, not {channels}")
-    p = site_profile(site_index, dim=dim, size=size, seed=seed)
+    p = site_profile(site_index, dim=dim, size=size, seed=seed, task=task)
+    draw = _draw_case if task == "easy" else _draw_hard_case
     name = name or p.name
     folder = Path(raw_root) / f"Dataset{dataset_id:03d}_{name}"
     for split, count, code in (("Tr", n_train, 1), ("Ts", n_test, 2)):
@@ -191,11 +327,11 @@ def make_site(raw_root: str | Path, dataset_id: int, site_index: int, *, n_train
         (folder / f"labels{split}").mkdir(parents=True, exist_ok=True)
         for k in range(count):
             case = f"{name.lower()}_{k:03d}"
-            images, label = _draw_case(p, np.random.default_rng([seed, site_index, code, k]), channels)
+            images, label = draw(p, np.random.default_rng([seed, site_index, code, k]), channels)
             for c, image in enumerate(images):
                 _write(image, p.spacing, folder / f"images{split}" / f"{case}_{c:04d}{FILE_ENDING}")
             _write(label, p.spacing, folder / f"labels{split}" / f"{case}{FILE_ENDING}")
-    description = f"p2pfed synthetic site {site_index} (seed {seed}, {dim}-D)"
+    description = f"p2pfed synthetic site {site_index} (seed {seed}, {dim}-D{', hard task' if task == 'hard' else ''})"
     (folder / "dataset.json").write_text(json.dumps(_dataset_json(name, channels, n_train, description), indent=2))
     return folder
 
@@ -203,7 +339,7 @@ def make_site(raw_root: str | Path, dataset_id: int, site_index: int, *, n_train
 def make_federation(raw_roots_or_root: str | Path | Sequence[str | Path], n_sites: int = 3, *,
                     first_id: int = 101, n_train: int | Sequence[int] | None = None, n_test: int = 2,
                     dim: int = 2, size: Sequence[int] | None = None, seed: int = 0,
-                    channels: Sequence[str] = ("CT",)) -> list[Path]:
+                    channels: Sequence[str] = ("CT",), task: str = "easy") -> list[Path]:
     """Sites 0..n_sites-1 as datasets first_id, first_id+1, ... Either one raw root for all
     sites, or one raw root per site. Case counts default to DEFAULT_TRAIN_CASES (cycled)."""
     roots = ([Path(raw_roots_or_root)] * n_sites if isinstance(raw_roots_or_root, (str, Path))
@@ -213,7 +349,7 @@ def make_federation(raw_roots_or_root: str | Path | Sequence[str | Path], n_site
     if len(roots) != n_sites or len(counts) != n_sites:
         raise ValueError("need one raw root and one case count per site (or a single value for all)")
     return [make_site(root, first_id + i, i, n_train=n, n_test=n_test, dim=dim, size=size, seed=seed,
-                      channels=channels) for i, (root, n) in enumerate(zip(roots, counts))]
+                      channels=channels, task=task) for i, (root, n) in enumerate(zip(roots, counts))]
 
 
 def make_pooled(site_dirs: Sequence[str | Path], raw_root: str | Path, dataset_id: int,
