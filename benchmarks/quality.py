@@ -17,6 +17,7 @@ and variants of FFE that measure what the gap to centralized training comes from
     FFE-few-merges  a quarter of the merges: rounds/4 rounds of 4 x epochs-per-round epochs
                     (the same steps and learning-rate schedule)
     FFE-reset       --optimizer-state reset (no SGD momentum carried over a merge)
+    FFE-merged      --optimizer-state merged (the SGD momentum averaged with the weights)
     FFE-uniform     --weighting uniform (sites weighted alike, not by their cases)
     FFE-cosine      --trainer nnUNetTrainerCosAnneal (nnU-Net's cosine learning-rate schedule
                     across all rounds instead of PolyLR)
@@ -77,12 +78,13 @@ FEDERATED = {"FFE": ["--mode", "ffe", *PLAIN], "AsymFedAvg": ["--mode", "asym", 
              "FFE+DP": ["--mode", "ffe", "--secure-aggregation", "--weighting", "uniform"],  # + dp_args(args)
              "FFE-few-merges": ["--mode", "ffe", *PLAIN],  # with rounds / FEW_MERGES (run_federation)
              "FFE-reset": ["--mode", "ffe", "--optimizer-state", "reset", *PLAIN],
+             "FFE-merged": ["--mode", "ffe", "--optimizer-state", "merged", *PLAIN],
              "FFE-uniform": ["--mode", "ffe", "--weighting", "uniform", *PLAIN],
              "FFE-cosine": ["--mode", "ffe", "--trainer", "nnUNetTrainerCosAnneal", *PLAIN]}
 FEW_MERGES = 4  # FFE-few-merges: rounds / 4 merges, each round 4 times as long
 SECURE_METHODS = ("FFE+SecAgg", "FFE+DP")  # secure aggregation needs 3 sites or more (secagg.MIN_GROUP)
 METHODS = ("local", "centralized", "FFE", "AsymFedAvg", "AsymFedAvg-ref")  # the default; any site count
-VARIANTS = ("FFE-few-merges", "FFE-reset", "FFE-uniform", "FFE-cosine")
+VARIANTS = ("FFE-few-merges", "FFE-reset", "FFE-merged", "FFE-uniform", "FFE-cosine")
 ALL_METHODS = (*METHODS, *SECURE_METHODS, *VARIANTS)
 MIN_SECURE_SITES = 3
 # the settings that fix the data, the budget and the evaluation: runs to merge must agree on them
@@ -626,10 +628,17 @@ def _settings(args) -> dict:
     return {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("workdir",)}
 
 
+def share_the_cores(jobs: int) -> None:
+    """Give each of `jobs` concurrent trainings its share of the cores (torch's threads, in the
+    child processes): more threads than cores made every epoch several times slower here."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.merge:
         return merge(args)
+    share_the_cores(args.jobs)
     args.out.mkdir(parents=True, exist_ok=True)
     say = lambda line: print(line, flush=True)  # noqa: E731
     started = time.monotonic()

@@ -197,7 +197,7 @@ def init(
     dp_noise_multiplier: Optional[float] = typer.Option(None, "--dp-noise-multiplier", help="Differential privacy: the aggregate's noise std over --dp-clip."),
     dp_delta: float = typer.Option(1e-5, "--dp-delta", help="Differential privacy: the delta that epsilon is reported for."),
     sharded_from: int = typer.Option(8, "--sharded-from", help="Secure rounds with at least this many sites split the merge among them, so no site downloads every contribution."),
-    optimizer_state: str = typer.Option("local", "--optimizer-state", help="Each site's SGD momentum after a merge: local (kept from its own last round, as the reference FednnU-Net) or reset (started afresh each round)."),
+    optimizer_state: str = typer.Option("local", "--optimizer-state", help="Each site's SGD momentum after a merge: local (kept from its own last round, as the reference FednnU-Net), reset (started afresh each round) or merged (averaged with the weights and uploaded with them; --mode ffe)."),
     nnunet_raw: Optional[str] = Raw, nnunet_preprocessed: Optional[str] = Pre,
     nnunet_results: Optional[str] = Res, device: str = Device,
     endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,

@@ -21,7 +21,7 @@ FORMAT = 1
 MODES = ("ffe", "asym")
 WEIGHTINGS = ("cases", "uniform")
 LAYERS = ("subset", "intersection")
-OPTIMIZER_STATES = ("local", "reset")
+OPTIMIZER_STATES = ("local", "reset", "merged")
 
 
 def parse_duration(text: str) -> int:
@@ -71,7 +71,8 @@ class Settings:
     dp_delta: float = 1e-5
     sharded_from: int = 8  # secure rounds of this many key-sealed sites or more are sharded (7.9)
     # each site's SGD momentum at a merge (docs/design.md 7.4): kept from its own last round
-    # ("local", the reference FednnU-Net behaviour) or started afresh ("reset")
+    # ("local", the reference FednnU-Net behaviour), started afresh ("reset"), or merged with
+    # the weights and the same weights ("merged"; FFE only: it needs one network)
     optimizer_state: str = "local"
 
     def __post_init__(self):
@@ -103,6 +104,11 @@ class Settings:
             (0 < self.dp_delta < 1, "--dp-delta must be in (0, 1)"),
             (self.sharded_from >= 1, "--sharded-from must be >= 1"),
             (self.optimizer_state in OPTIMIZER_STATES, f"--optimizer-state must be one of {', '.join(OPTIMIZER_STATES)}"),
+            (self.optimizer_state != "merged" or self.mode == "ffe",
+             "--optimizer-state merged needs --mode ffe (one network, whose momentum every site holds)"),
+            # DP bounds one update vector; the momentum would be a second, unbounded one
+            (self.optimizer_state != "merged" or self.dp_clip is None,
+             "--optimizer-state merged cannot be combined with differential privacy"),
         ]
         for ok, message in checks:
             if not ok:

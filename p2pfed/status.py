@@ -312,7 +312,8 @@ def render(doc: dict, console) -> None:
                   f"weighting {st['weighting']}"
                   + (f" (max share {st['max_weight_share']:g})" if st.get("max_weight_share") else "")
                   + f", layers {st['layers']}"
-                  + (", SGD momentum reset at every merge" if st.get("optimizer_state") == "reset" else ""))
+                  + {"reset": ", SGD momentum reset at every merge",
+                     "merged": ", SGD momentum merged with the weights"}.get(st.get("optimizer_state"), ""))
     phase = doc["phase"]
     where = phase["name"] + (f" {phase['round']}" if "round" in phase else "")
     console.print(f"[bold]Phase:[/] {where}" + (f"; waiting for {', '.join(phase['waiting_for'])}"

@@ -391,7 +391,9 @@ def test_a_version_1_envelope_is_refused_and_the_commitment_is_checked():
     assert (exc.value.author, exc.value.recipient, exc.value.key, exc.value.exit_code) == ("a", "b", "obj", 7)
 
 
-def test_status_says_when_each_merge_resets_the_momentum(tmp_path):
-    fed = factory.make(tmp_path, rounds=1, optimizer_state="reset")
+@pytest.mark.parametrize("state, says", [("reset", "SGD momentum reset at every merge"),
+                                         ("merged", "SGD momentum merged with the weights")])
+def test_status_says_what_each_merge_does_to_the_momentum(tmp_path, state, says):
+    fed = factory.make(tmp_path, rounds=1, optimizer_state=state)
     text = CliRunner().invoke(app, ["status", "--site", "site0", "--home", str(fed.home)], terminal_width=200)
-    assert text.exit_code == 0 and "layers subset, SGD momentum reset at every merge" in text.stdout
+    assert text.exit_code == 0 and f"layers subset, {says}" in text.stdout

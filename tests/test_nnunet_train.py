@@ -208,6 +208,8 @@ def spy_step(self, batch):
     if seen["first_step_weights"] is None:
         seen["first_step_weights"] = {k: v.detach().clone() for k, v in self.network.state_dict().items()}
         seen["first_step_momentum"] = sum("momentum_buffer" in st for st in self.optimizer.state.values())
+        seen["first_step_buffers"] = {name: self.optimizer.state[p]["momentum_buffer"].clone()
+                                      for name, p in self.network.named_parameters() if p in self.optimizer.state}
     return train_step(self, batch)
 nnUNetTrainer.train_step = spy_step
 
@@ -241,6 +243,8 @@ r = train_round(spec, base, epochs=1, progress=progress, start_epoch=args["start
 
 def same(a, b):
     return set(a) == set(b) and all(torch.equal(a[k], torch.as_tensor(np.asarray(b[k]))) for k in a)
+from p2pfed.nnunet.train import MOMENTUM, split_momentum
+base_net, base_momentum = split_momentum(base) if base is not None else (None, {})
 np.savez(args["out"], **r.weights)
 report(
     epoch=r.epoch, num_train_cases=r.num_train_cases, train_loss=r.train_loss, val_loss=r.val_loss,
@@ -251,7 +255,9 @@ report(
         torch.equal(seen["optimizer_loaded"][0]["state"][i]["momentum_buffer"], s["momentum_buffer"])
         for i, s in before["optimizer_state"]["state"].items()),
     first_step_is_base=base is not None and same(
-        seen["first_step_weights"], {k.removeprefix("_orig_mod."): v for k, v in base.items()}),
+        seen["first_step_weights"], {k.removeprefix("_orig_mod."): v for k, v in base_net.items()}),
+    first_step_momentum_is_base=bool(base_momentum) and same(seen.get("first_step_buffers", {}), base_momentum),
+    momentum_keys=sum(k.startswith(MOMENTUM) for k in r.weights),
     first_step_is_checkpoint=bool(before) and same(seen["first_step_weights"], before["network_weights"]),
     rejected=locals().get("rejected"), aborted=aborted, first_step_momentum=seen["first_step_momentum"],
 )
@@ -399,7 +405,43 @@ def test_export_is_a_standard_nnunet_model(site, catch_up):
 def test_optimizer_state_reset_starts_the_round_without_momentum(site, catch_up):
     """--optimizer-state reset: the round loads the merged weights and nnU-Net's fresh
     optimizer (no momentum buffers at the first step), on the schedule of its epoch."""
-    spec = {**site.spec, "reset_optimizer": True}
+    spec = {**site.spec, "optimizer_state": "reset"}
     r = train(site, "reset", save(site.root / "merged4.npz", load(catch_up["weights"])), start_epoch=3, spec=spec)
     assert r["first_step_momentum"] == 0 and r["first_step_is_base"]
+    assert r["epoch"] == 3 and r["lr"] == pytest.approx(poly_lr(3))
+
+
+@slow
+def test_optimizer_state_merged_starts_from_the_merged_momentum(site, catch_up):
+    """--optimizer-state merged: the initial model carries a zero momentum tensor per network
+    parameter; a round starts from the merged weights *and* the merged SGD momentum (not
+    its checkpoint's, not none), and returns its momentum after training with the weights."""
+    spec = {**site.spec, "optimizer_state": "merged"}
+    out = site.root / "initial-merged.npz"
+    init = site.step("""
+        import torch
+        from p2pfed.nnunet.train import MOMENTUM, initial_weights, _make_trainer, _bare_network
+        w = initial_weights(spec)
+        trainer = _make_trainer(spec)
+        trainer.initialize()
+        params = dict(_bare_network(trainer).named_parameters())
+        np.savez(args["out"], **w)
+        report(names=sorted(k[len(MOMENTUM):] for k in w if k.startswith(MOMENTUM)), params=sorted(params),
+               zero=all(not w[k].any() for k in w if k.startswith(MOMENTUM)),
+               shapes=all(w[MOMENTUM + n].shape == tuple(p.shape) for n, p in params.items()))
+    """, spec=spec, out=str(out))
+    assert init["names"] == init["params"] and init["zero"] and init["shapes"]
+
+    rng = np.random.default_rng(0)
+    momentum = {k: (rng.normal(0, 0.01, v.shape)).astype(np.float32) for k, v in load(out).items()
+                if k.startswith("optimizer.momentum_buffer.")}
+    base = {**load(catch_up["weights"]), **momentum}
+    r = train(site, "merged", save(site.root / "merged5.npz", base), start_epoch=3, spec=spec)
+    assert r["first_step_is_base"] and r["first_step_momentum_is_base"]
+    assert r["first_step_momentum"] == len(momentum) and r["momentum_keys"] == len(momentum)
+    trained = load(r["weights"])
+    assert all(np.isfinite(trained[k]).all() and trained[k].any() for k in momentum)
+    # what comes back is what training left (a parameter without a gradient keeps its buffer)
+    unchanged = [k for k, v in momentum.items() if np.array_equal(trained[k], v)]
+    assert len(unchanged) <= len(momentum) // 10, unchanged
     assert r["epoch"] == 3 and r["lr"] == pytest.approx(poly_lr(3))

@@ -1,6 +1,8 @@
-"""benchmarks/quality.py: its surface metrics give the known answers on hand-made masks, and
-its --quick run (every method trained for real, 2 sites) reports DSC and HD95 for every
-method and site. No quality thresholds: the quick budget is far too small to learn."""
+"""benchmarks/quality.py: its surface metrics give the known answers on hand-made masks, its
+tables and paired comparisons over seeds are computed as documented (on hand-made per-case
+metrics), runs of several seeds merge, and its --quick run (every method trained for real,
+2 sites and the unseen one) reports DSC and HD95 for every method and site. No quality
+thresholds: the quick budget is far too small to learn."""
 from __future__ import annotations
 
 import csv
@@ -54,21 +56,123 @@ def test_empty_masks_are_defined_explicitly():
 
 @pytest.mark.slow
 def test_quick_run_reports_every_method_and_site(tmp_path):
+    methods = [*quality.METHODS, "FFE-merged"]  # and the one variant that changes what a model holds
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "quality.py"), "--quick", "--jobs", "2",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=1200)
+                           "--methods", ",".join(methods), "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     doc = json.loads((tmp_path / "quality.json").read_text())
     cells = {(r["method"], r["site"], r["label"]): r for r in doc["rows"]}
-    expected = {(m, s, label) for m in quality.METHODS for s in ("SiteA", "SiteB", "mean")
+    expected = {(m, s, label) for m in methods for s in ("SiteA", "SiteB", "mean", "SiteD")
                 for label in ("organ", "lesion", "mean")}
-    assert set(cells) == expected
+    assert set(cells) == expected and doc["unseen_site"] == "SiteD"
     for key, row in cells.items():
         assert 0.0 <= row["dsc"] <= 1.0 and math.isfinite(row["hd95"]) and row["hd95"] >= 0, key
-        assert row["cases"] == (2 if key[1] == "mean" else 1), key  # one test case per site
+        # one test case per site; the unseen site's is predicted by both sites' models
+        assert row["cases"] == (2 if key[1] in ("mean", "SiteD") else 1), key
+        assert row["seeds"] == 1 and math.isnan(row["dsc_std"]), key
+    unseen = [c for c in doc["cases"] if c["site"] == "SiteD" and c["method"] == "local"]
+    assert sorted(c["model"] for c in unseen) == ["SiteA", "SiteB"]
+    assert set(doc["paired"]) >= {"local − centralized", "FFE − local", "AsymFedAvg − AsymFedAvg-ref"}
     with open(tmp_path / "quality.csv") as f:
         assert len(list(csv.DictReader(f))) == len(expected)
     table = (tmp_path / "quality.md").read_text()
-    assert all(f"| {m} |" in table for m in quality.METHODS) and "SiteB HD95" in table
+    assert all(f"| {m} |" in table for m in methods) and "SiteB HD95" in table
+    assert "SiteD (unseen) DSC" in table and "| FFE − centralized |" in table
     assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert doc["steps_per_site"] == 2 and doc["wall_s"]["total"] > 0
+
+
+# --- tables, seeds and paired comparisons on hand-made per-case metrics ----------------------
+
+def case(seed, name, dsc, model=None, lesion=None):
+    lesion = dsc if lesion is None else lesion
+    return {"case": name, "seed": seed, "model": model,
+            "organ": {"dsc": dsc, "hd95": 1.0}, "lesion": {"dsc": lesion, "hd95": 3.0}}
+
+
+def per_case_of(values):
+    """{(method, site): cases} from {(method, site): {seed: [dsc, ...]}}."""
+    return {key: [case(seed, f"c{i}", d, model=key[1] if key[1] != "SiteD" else "SiteA")
+                  for seed, ds in by_seed.items() for i, d in enumerate(ds)] for key, by_seed in values.items()}
+
+
+def test_table_rows_average_over_cases_then_sites_then_seeds():
+    per_case = per_case_of({("FFE", "SiteA"): {0: [0.8, 0.6], 1: [0.9, 0.9]},
+                            ("FFE", "SiteB"): {0: [0.5, 0.5], 1: [0.7, 0.7]},
+                            ("FFE", "SiteD"): {0: [0.2], 1: [0.4]}})
+    rows = {(r["site"], r["label"]): r for r in quality.table_rows(per_case, ["SiteA", "SiteB"], "SiteD")}
+    assert rows["SiteA", "mean"]["dsc"] == pytest.approx((0.7 + 0.9) / 2)
+    assert rows["SiteA", "mean"]["dsc_std"] == pytest.approx(np.std([0.7, 0.9], ddof=1))
+    assert rows["mean", "mean"]["dsc"] == pytest.approx(((0.7 + 0.5) / 2 + (0.9 + 0.7) / 2) / 2)  # SiteD not in it
+    assert rows["SiteD", "organ"]["dsc"] == pytest.approx(0.3) and rows["SiteD", "mean"]["seeds"] == 2
+    assert rows["mean", "organ"]["cases"] == 8 and rows["SiteA", "lesion"]["hd95"] == 3.0
+
+
+def test_nan_labels_are_left_out_not_counted_as_zero():
+    per_case = {("FFE", "SiteA"): [case(0, "c0", 0.8, "SiteA", lesion=float("nan")), case(0, "c1", 0.6, "SiteA")]}
+    rows = {(r["site"], r["label"]): r for r in quality.table_rows(per_case, ["SiteA"])}
+    assert rows["SiteA", "lesion"]["dsc"] == pytest.approx(0.6)
+    assert quality.case_dsc(per_case["FFE", "SiteA"][0]) == pytest.approx(0.8)
+
+
+def test_paired_differences_match_cases_and_their_interval_covers_the_mean():
+    rng = np.random.default_rng(1)
+    base = rng.uniform(0.5, 0.9, 40)
+    per_case = per_case_of({("FFE", "SiteA"): {0: list(base[:20] + 0.05), 1: list(base[20:] + 0.05)},
+                            ("local", "SiteA"): {0: list(base[:20]), 1: list(base[20:])},
+                            ("FFE", "SiteB"): {0: list(base[:10])}, ("local", "SiteB"): {1: list(base[:10])}})
+    pairs = quality.paired(per_case, "FFE", "local", ["SiteA", "SiteB"])
+    assert pairs["SiteA"]["cases"] == 40 and pairs["SiteA"]["diff"] == pytest.approx(0.05)
+    assert pairs["SiteA"]["low"] == pytest.approx(0.05) == pytest.approx(pairs["SiteA"]["high"])  # no spread
+    assert "SiteB" not in pairs  # different seeds: nothing to pair
+    noisy = quality.bootstrap_ci(rng.normal(0.02, 0.05, 200))
+    assert noisy[0] < 0.02 < noisy[1] and noisy[1] - noisy[0] < 0.03
+    assert quality.bootstrap_ci(np.array([0.1, 0.3])) == quality.bootstrap_ci(np.array([0.1, 0.3]))  # seeded
+
+
+def _run(tmp_path, name, seed, methods, settings=None):
+    """A quality.json as a run writes it (hand-made cases)."""
+    folder = tmp_path / name
+    folder.mkdir()
+    per_case = per_case_of({(m, s): {seed: [0.5 + 0.1 * i + 0.01 * seed, 0.6]} for i, m in enumerate(methods)
+                            for s in ("SiteA", "SiteB", "SiteD")})
+    meta = {"settings": {**dict.fromkeys(quality.SAME_SETTINGS), "seed": seed, **(settings or {})},
+            "site_names": ["SiteA", "SiteB"], "unseen_site": "SiteD", "steps_per_site": 10}
+    quality.write_outputs(folder, per_case, meta)
+    return folder
+
+
+def test_runs_of_several_seeds_merge_into_mean_and_spread(tmp_path):
+    runs = [_run(tmp_path, "s0", 0, ["local", "FFE"]), _run(tmp_path, "s1", 1, ["local", "FFE"]),
+            _run(tmp_path, "s1c", 1, ["centralized"])]
+    assert quality.main(["--out", str(tmp_path / "all"), "--merge", *map(str, runs)]) == 0
+    doc = json.loads((tmp_path / "all" / "quality.json").read_text())
+    rows = {(r["method"], r["site"], r["label"]): r for r in doc["rows"]}
+    assert doc["seeds"] == [0, 1] and rows["FFE", "SiteA", "organ"]["seeds"] == 2
+    assert rows["FFE", "SiteA", "organ"]["dsc"] == pytest.approx(((0.6 + 0.6) / 2 + (0.61 + 0.6) / 2) / 2)
+    assert rows["centralized", "SiteA", "organ"]["seeds"] == 1
+    assert doc["paired"]["FFE − local"]["mean"]["cases"] == 8  # 2 seeds x 2 sites x 2 cases
+    assert doc["paired"]["FFE − centralized"]["mean"]["cases"] == 4  # seed 1 only
+    assert "0.603 ± 0.004" in (tmp_path / "all" / "quality.md").read_text()
+
+
+def test_merge_refuses_a_method_and_seed_twice_and_runs_of_other_settings(tmp_path):
+    a, b = _run(tmp_path, "a", 0, ["FFE"]), _run(tmp_path, "b", 0, ["FFE"])
+    with pytest.raises(SystemExit, match="FFE with seed 0 is in both"):
+        quality.main(["--out", str(tmp_path / "m"), "--merge", str(a), str(b)])
+    c = _run(tmp_path, "c", 1, ["FFE"], {"rounds": 5})
+    with pytest.raises(SystemExit, match="differ in rounds"):
+        quality.main(["--out", str(tmp_path / "m"), "--merge", str(a), str(c)])
+
+
+def test_variants_keep_the_step_budget_and_bad_settings_are_refused():
+    args = quality.parse_args(["--out", "x", "--methods", "FFE,FFE-few-merges"])
+    assert quality.schedule(args, "FFE") == (20, 1) and quality.schedule(args, "FFE-few-merges") == (5, 4)
+    assert args.train_cases == [5, 6, 5] and args.unseen and args.task == "hard"
+    assert quality.parse_args(["--out", "x", "--task", "easy"]).rounds == 8
+    for bad in (["--methods", "FFE-few-merges", "--rounds", "10"], ["--train-cases", "5", "6"],
+                ["--sites", "4"], ["--configuration", "3d_fullres", "--size", "32", "32"]):
+        with pytest.raises(SystemExit):
+            quality.parse_args(["--out", "x", *bad])

@@ -83,3 +83,56 @@ def test_pooled_union(sites, tmp_path):
     ct_only = make_site(tmp_path, 104, 3, n_train=1, channels=("CT",))
     with pytest.raises(DatasetError, match="channel_names"):
         make_pooled([folders[0], ct_only], tmp_path, 198)
+
+
+# --- the hard task (benchmarks/quality.py's study) --------------------------------------------
+
+@pytest.fixture(scope="module")
+def hard(tmp_path_factory):
+    raw = tmp_path_factory.mktemp("hard")
+    return [make_site(raw, 101 + i, i, n_train=12, n_test=0, task="hard", seed=1) for i in range(4)]
+
+
+def _cases(folder):
+    prefix = folder.name.split("_")[1].lower()
+    return [_read(folder, f"{prefix}_{k:03d}") for k in range(12)]
+
+
+def test_hard_task_structures_vary_from_case_to_case(hard):
+    for folder in hard:
+        organs = [seg[0] > 0 for _, seg, _ in _cases(folder)]
+        areas = np.array([o.sum() for o in organs])
+        assert areas.std() / areas.mean() > 0.15, folder.name  # organ size varies per case
+        overlaps = [(a & b).sum() / (a | b).sum() for i, a in enumerate(organs) for b in organs[i + 1:]]
+        assert np.median(overlaps) < 0.8, folder.name  # and its shape and position
+
+
+def test_hard_task_sites_see_different_lesion_kinds_and_a_distractor(hard):
+    """Each of the first three sites mostly sees one kind of lesion: bright ones at SiteA,
+    dark ones (below the organ's intensity) at SiteB; a structure as bright as the organ but
+    labelled background lies beside it in many cases."""
+    dark_fraction, distractors = [], 0
+    for folder in hard[:3]:
+        dark = total = 0
+        for data, seg, _ in _cases(folder):
+            ct, label = data[0], seg[0]
+            organ_level = np.median(ct[label == 1])
+            dark += int((ct[label == 2] < organ_level).sum())
+            total += int((label == 2).sum())
+            tissue = np.median(ct[(label == 0) & (ct > -500)])
+            distractors += int(((label == 0) & (ct > (organ_level + tissue) / 2)).sum() > 10)
+        dark_fraction.append(dark / total)
+    assert dark_fraction[0] < 0.35 < 0.6 < dark_fraction[1], dark_fraction
+    assert distractors >= 10  # of 36 cases
+
+
+def test_hard_task_more_cases_extend_the_same_cases(tmp_path, hard):
+    few = make_site(tmp_path, 101, 0, n_train=5, n_test=0, task="hard", seed=1)
+    for k in range(5):
+        a, b = _read(few, f"sitea_{k:03d}"), _read(hard[0], f"sitea_{k:03d}")
+        assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    folder = make_site(tmp_path / "3d", 5, 3, n_train=1, n_test=0, dim=3, task="hard", channels=("CT", "MRI"))
+    data, seg, _ = _read(folder, "sited_000")
+    assert data.shape[0] == 2 and data.shape[1] > 1 and set(np.unique(seg)) <= {0, 1, 2}
+    with pytest.raises(ValueError, match="task"):
+        site_profile(0, task="medium")

@@ -34,6 +34,7 @@ Progress = Callable[[int, int, int], None]
 CHECKPOINT = "checkpoint_latest.pth"
 FINAL_CHECKPOINT = "checkpoint_final.pth"
 _COMPILED_PREFIX = "_orig_mod."  # torch.compile wraps the network and prefixes its keys
+MOMENTUM = "optimizer.momentum_buffer."  # + parameter name: --optimizer-state merged
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,10 @@ class TrainSpec:
     iterations_per_epoch, val_iterations: nnU-Net's num_(val_)iterations_per_epoch.
     total_epochs: epochs of the whole federation (rounds x epochs per round); nnU-Net's
         num_epochs, which sets the PolyLR schedule.
-    reset_optimizer: start each round with a fresh optimizer (SGD momentum zero) instead
-        of the one this site's last round left in its checkpoint.
+    optimizer_state: what each round's SGD momentum starts from (docs/design.md 7.4):
+        "local", the one this site's last round left in its checkpoint; "reset", none (a
+        fresh optimizer); "merged", the federation's merged momentum, which travels with
+        the weights as MOMENTUM-prefixed tensors, one per network parameter.
     raw, preprocessed, results: the site's nnUNet_raw, nnUNet_preprocessed, nnUNet_results.
     """
 
@@ -63,7 +66,7 @@ class TrainSpec:
     iterations_per_epoch: int = 250
     val_iterations: int = 50
     total_epochs: int = 1000
-    reset_optimizer: bool = False
+    optimizer_state: str = "local"
 
     def activate(self) -> None:
         """Point nnU-Net at this site's folders (before nnunetv2 is first imported)."""
@@ -104,7 +107,17 @@ def initial_weights(spec: TrainSpec, seed: int = 0) -> Weights:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         trainer.initialize()
-    return _to_numpy(_bare_network(trainer).state_dict())
+    weights = _to_numpy(_bare_network(trainer).state_dict())
+    if spec.optimizer_state == "merged":  # no momentum yet: SGD's first step makes it the gradient
+        weights.update({MOMENTUM + name: np.zeros(tuple(p.shape), np.float32)
+                        for name, p in _bare_network(trainer).named_parameters()})
+    return weights
+
+
+def split_momentum(weights: Weights) -> tuple[Weights, Weights]:
+    """(network tensors, momentum tensors keyed by parameter name) of a merged model."""
+    network = {k: v for k, v in weights.items() if not k.startswith(MOMENTUM)}
+    return network, {k[len(MOMENTUM):]: v for k, v in weights.items() if k.startswith(MOMENTUM)}
 
 
 def train_round(spec: TrainSpec, base_weights: Weights | None, epochs: int,
@@ -119,7 +132,8 @@ def train_round(spec: TrainSpec, base_weights: Weights | None, epochs: int,
     trainer = _make_trainer(spec)
     trainer.initialize()
     _resume(trainer)
-    if spec.reset_optimizer:
+    base_weights, momentum = split_momentum(base_weights) if base_weights is not None else (None, {})
+    if spec.optimizer_state in ("reset", "merged"):
         reset_optimizer(trainer)
     first = trainer.current_epoch if start_epoch is None else start_epoch
     if epochs < 1 or first < 0 or first + epochs > spec.total_epochs:
@@ -127,6 +141,8 @@ def train_round(spec: TrainSpec, base_weights: Weights | None, epochs: int,
     _set_epoch(trainer, first)
     if base_weights is not None:
         load_weights(trainer, base_weights)
+    if spec.optimizer_state == "merged":
+        load_momentum(trainer, momentum)
     try:
         trainer.on_train_start()
         for _ in range(epochs):
@@ -134,7 +150,7 @@ def train_round(spec: TrainSpec, base_weights: Weights | None, epochs: int,
         _save_checkpoint(trainer, Path(trainer.output_folder) / CHECKPOINT)
     finally:
         _stop_workers(trainer)
-    return _result(trainer)
+    return _result(trainer, with_momentum=spec.optimizer_state == "merged")
 
 
 def export_final(spec: TrainSpec, weights: Weights, run_validation: bool) -> Path:
@@ -149,7 +165,7 @@ def export_final(spec: TrainSpec, weights: Weights, run_validation: bool) -> Pat
     trainer = _make_trainer(spec)
     trainer.initialize()
     _resume(trainer)  # keeps the local training history in the final checkpoint
-    load_weights(trainer, weights)
+    load_weights(trainer, split_momentum(weights)[0])
     # Set by nnU-Net while building the dataloaders; the predictor needs it.
     trainer.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
     _write_model_folder_files(trainer)
@@ -234,6 +250,33 @@ def _resume(trainer: nnUNetTrainer) -> None:
     checkpoint = Path(trainer.output_folder) / CHECKPOINT
     if checkpoint.is_file():
         trainer.load_checkpoint(str(checkpoint))  # our own file: unpickling is fine
+
+
+def load_momentum(trainer: nnUNetTrainer, momentum: Weights) -> None:
+    """Make `momentum` (parameter name -> array, every parameter) the SGD momentum buffers.
+
+    A model without any (a site's own network, in asym) keeps the fresh optimizer's none."""
+    import torch
+
+    if not momentum:
+        return
+    params = dict(_bare_network(trainer).named_parameters())
+    if momentum.keys() != params.keys() or any(momentum[k].shape != tuple(p.shape) for k, p in params.items()):
+        raise SetupError("the merged momentum does not fit this site's network",
+                         "this site's nnU-Net plans differ from the federation's; plan again")
+    for name, p in params.items():
+        trainer.optimizer.state[p]["momentum_buffer"] = torch.as_tensor(np.asarray(momentum[name]),
+                                                                        dtype=p.dtype).to(p.device).clone()
+
+
+def _momentum_of(trainer: nnUNetTrainer) -> Weights:
+    """The SGD momentum buffer of every parameter (zero where no step made one yet)."""
+    out = {}
+    for name, p in _bare_network(trainer).named_parameters():
+        buf = trainer.optimizer.state.get(p, {}).get("momentum_buffer")
+        out[MOMENTUM + name] = (np.zeros(tuple(p.shape), np.float32) if buf is None
+                                else buf.detach().to("cpu", dtype=p.dtype).float().numpy().copy())
+    return out
 
 
 def reset_optimizer(trainer: nnUNetTrainer) -> None:
@@ -345,12 +388,15 @@ def _write_model_folder_files(trainer: nnUNetTrainer) -> None:
 
 # --- results -------------------------------------------------------------------------------
 
-def _result(trainer: nnUNetTrainer) -> RoundResult:
+def _result(trainer: nnUNetTrainer, with_momentum: bool = False) -> RoundResult:
     def last(key: str):
         return trainer.logger.get_value(key, step=-1)
 
+    weights = _to_numpy(_bare_network(trainer).state_dict())
+    if with_momentum:
+        weights.update(_momentum_of(trainer))
     return RoundResult(
-        weights=_to_numpy(_bare_network(trainer).state_dict()),
+        weights=weights,
         num_train_cases=len(trainer.do_split()[0]),
         epoch=trainer.current_epoch - 1,
         train_loss=float(last("train_losses")),

@@ -72,7 +72,7 @@ class NnunetTrainer:
                          results=Path(self.config.nnunet_results), fold=self.s.fold, trainer=self.s.trainer,
                          plans=self.s.plans_identifier, device=self.config.device,
                          iterations_per_epoch=self.s.iterations_per_epoch, val_iterations=self.s.val_iterations,
-                         total_epochs=self.s.total_epochs, reset_optimizer=self.s.optimizer_state == "reset")
+                         total_epochs=self.s.total_epochs, optimizer_state=self.s.optimizer_state)
 
     def _checkpoint(self) -> Path:
         return (Path(self.config.nnunet_results) / dataset_name(self.config.nnunet_raw, self.config.dataset)
