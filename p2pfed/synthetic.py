@@ -61,10 +61,10 @@ _SCANNERS = (
 # ring) and its tissue texture (HU). Each of the first three sites mostly sees one kind; the
 # fourth, the unseen site, sees all three alike on a scanner unlike the others.
 _HARD_SCANNERS = (
-    ((1.0, 1.0), 3.0, 0.00, 1.00, (1, 2), 0.0, 1.0, 10.0, 400.0, 0.0, 0.10, (0.7, 0.15, 0.15), 6.0),
-    ((0.75, 0.8), 2.0, 0.14, 1.20, (1, 3), 40.0, 1.5, 28.0, 2500.0, 300.0, 0.35, (0.15, 0.7, 0.15), 12.0),
-    ((1.4, 1.3), 5.0, 0.06, 0.85, (0, 2), -40.0, 0.65, 14.0, 60.0, 10.0, 0.05, (0.15, 0.15, 0.7), 8.0),
-    ((0.9, 1.1), 4.0, 0.10, 1.10, (1, 2), 20.0, 1.2, 20.0, 900.0, 50.0, 0.20, (1 / 3, 1 / 3, 1 / 3), 10.0),
+    ((1.0, 1.0), 3.0, 0.00, 1.00, (1, 2), 0.0, 1.0, 14.0, 400.0, 0.0, 0.10, (0.8, 0.1, 0.1), 8.0),
+    ((0.75, 0.8), 2.0, 0.14, 1.20, (1, 3), 25.0, 1.25, 22.0, 2500.0, 300.0, 0.35, (0.1, 0.8, 0.1), 10.0),
+    ((1.4, 1.3), 5.0, 0.06, 0.90, (1, 2), -25.0, 0.8, 16.0, 60.0, 10.0, 0.05, (0.1, 0.1, 0.8), 8.0),
+    ((0.9, 1.1), 4.0, 0.10, 1.10, (1, 2), 15.0, 1.1, 18.0, 900.0, 50.0, 0.20, (1 / 3, 1 / 3, 1 / 3), 10.0),
 )
 
 
@@ -219,7 +219,7 @@ def _draw_hard_case(p: SiteProfile, rng: np.random.Generator, channels: Sequence
         centre = [ax[i] for ax, i in zip(axes, inside[rng.integers(len(inside))])]
         if flat:
             centre[0] = 0.0
-        radius = min_r * rng.uniform(0.2, 0.4)
+        radius = min_r * rng.uniform(0.25, 0.45)
         radii = [max(radius, s) for s in p.spacing]
         lesion = organ & _ellipsoid(grid, centre, radii)
         label[lesion] = 2

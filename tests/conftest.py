@@ -12,6 +12,11 @@ import pytest
 
 HERE = Path(__file__).parent
 
+# The suite runs in two xdist workers on two cores, and nnU-Net in their child processes:
+# with torch's default of a thread per core each, epochs ran several times slower than with
+# one thread per process (measured with benchmarks/quality.py, which does the same).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(scope="session")
 def s3_endpoint():

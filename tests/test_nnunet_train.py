@@ -135,7 +135,7 @@ class Site:
                     "nnUNet_results": str(self.res), "nnUNet_compile": "false",
                     # two augmentation workers keep the orphan check meaningful on small machines
                     "nnUNet_n_proc_DA": "2", "nnUNet_def_n_proc": "1",
-                    "OMP_NUM_THREADS": "2", "PYTHONPATH": str(Path(__file__).parents[1])}
+                    "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
         self.spec = dict(dataset=str(DATASET_ID), configuration="2d", fold=0, raw=str(self.raw),
                          preprocessed=str(self.pre), results=str(self.res), device="cpu",
                          iterations_per_epoch=2, val_iterations=1, total_epochs=TOTAL_EPOCHS)
