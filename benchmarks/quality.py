@@ -249,12 +249,12 @@ def _check_pooled_split(sites: list[SimSite], work: Path) -> None:
 def train_all(args, sites: list[SimSite], work: Path, logs: Path, say) -> tuple[dict, dict, dict]:
     """Every chosen method's model folder per (method, site), each method's wall time, and the
     federated methods' secure_aggregation section of `p2pfed status --json` after all rounds."""
-    tasks, secure = {}, {}
-    if "local" in args.methods:
-        tasks.update({f"local {s.name}": (run_local, args, s, logs) for s in sites})
+    tasks, secure = {}, {}  # the longest first, so that --jobs keeps every core busy to the end
+    tasks.update({m: (run_federation, args, m, sites, work, say, secure) for m in args.methods if m in FEDERATED})
     if "centralized" in args.methods:
         tasks["centralized"] = (run_centralized, args, sites, work, logs)
-    tasks.update({m: (run_federation, args, m, sites, work, say, secure) for m in args.methods if m in FEDERATED})
+    if "local" in args.methods:
+        tasks.update({f"local {s.name}": (run_local, args, s, logs) for s in sites})
 
     def timed(name):
         fn, *fn_args = tasks[name]
