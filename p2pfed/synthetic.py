@@ -136,14 +136,20 @@ def _ellipsoid(grid: list[np.ndarray], center, radii) -> np.ndarray:
     return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, center, radii)) <= 1.0
 
 
-def _draw_case(p: SiteProfile, rng: np.random.Generator, channels: Sequence[str]):
-    """One case: (list of channel arrays, label array), all of shape p.shape."""
-    # Physical coordinates in mm, centred; 2-D uses only the in-plane axes.
+def _coordinates(p: SiteProfile):
+    """(axes, grid, half extents): physical coordinates in mm, centred; 2-D uses only the
+    in-plane axes (its slice coordinate is 0)."""
     axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(p.shape, p.spacing)]
     grid = list(np.meshgrid(*axes, indexing="ij"))
     if p.shape[0] == 1:
         grid[0] = np.zeros_like(grid[0])
     half = [n * s / 2 for n, s in zip(p.shape, p.spacing)]
+    return axes, grid, half
+
+
+def _draw_case(p: SiteProfile, rng: np.random.Generator, channels: Sequence[str]):
+    """One case: (list of channel arrays, label array), all of shape p.shape."""
+    axes, grid, half = _coordinates(p)
 
     body_r = [h * rng.uniform(0.75, 0.9) for h in half]
     body = _ellipsoid(grid, [0.0] * 3, body_r)
@@ -184,14 +190,33 @@ def _smooth_noise(rng, shape, spacing, mm: float) -> np.ndarray:
     return field / max(field.std(), 1e-9)
 
 
+def _add_lesions(p: SiteProfile, rng, axes, grid, organ, min_r, label, contrast) -> None:
+    """Draw the case's lesions inside the organ, each of a kind drawn from the site's mix,
+    into `label` (2) and `contrast` (HU-like, relative to tissue), in place."""
+    inside = np.argwhere(organ)
+    for _ in range(int(rng.integers(p.lesions[0], p.lesions[1] + 1)) if len(inside) else 0):
+        kind = LESION_KINDS[rng.choice(3, p=p.lesion_mix)]
+        centre = [ax[i] for ax, i in zip(axes, inside[rng.integers(len(inside))])]
+        if p.shape[0] == 1:
+            centre[0] = 0.0
+        radius = min_r * rng.uniform(0.25, 0.45)
+        radii = [max(radius, s) for s in p.spacing]
+        lesion = organ & _ellipsoid(grid, centre, radii)
+        label[lesion] = 2
+        if kind == "bright":
+            contrast[lesion] = p.ct_contrast * rng.uniform(90, 130)
+        elif kind == "dark":
+            contrast[lesion] = -p.ct_contrast * rng.uniform(20, 40)
+        else:  # ring: an enhancing rim around a dark core
+            core = lesion & _ellipsoid(grid, centre, [r * 0.55 for r in radii])
+            contrast[lesion] = p.ct_contrast * rng.uniform(90, 130)
+            contrast[core] = -p.ct_contrast * rng.uniform(10, 30)
+
+
 def _draw_hard_case(p: SiteProfile, rng: np.random.Generator, channels: Sequence[str]):
     """One case of the hard task: (list of channel arrays, label array)."""
-    axes = [(np.arange(n) - (n - 1) / 2) * s for n, s in zip(p.shape, p.spacing)]
-    grid = list(np.meshgrid(*axes, indexing="ij"))
+    axes, grid, half = _coordinates(p)
     flat = p.shape[0] == 1
-    if flat:
-        grid[0] = np.zeros_like(grid[0])
-    half = [n * s / 2 for n, s in zip(p.shape, p.spacing)]
 
     body_r = [h * rng.uniform(0.75, 0.9) for h in half]
     body = _ellipsoid(grid, [0.0] * 3, body_r)
@@ -213,24 +238,7 @@ def _draw_hard_case(p: SiteProfile, rng: np.random.Generator, channels: Sequence
         blob = body & ~organ & _ellipsoid(grid, centre, [max(min_r * rng.uniform(0.35, 0.6), s) for s in p.spacing])
         contrast[blob] = p.ct_contrast * rng.uniform(30, 60)
 
-    inside = np.argwhere(organ)
-    for _ in range(int(rng.integers(p.lesions[0], p.lesions[1] + 1)) if len(inside) else 0):
-        kind = LESION_KINDS[rng.choice(3, p=p.lesion_mix)]
-        centre = [ax[i] for ax, i in zip(axes, inside[rng.integers(len(inside))])]
-        if flat:
-            centre[0] = 0.0
-        radius = min_r * rng.uniform(0.25, 0.45)
-        radii = [max(radius, s) for s in p.spacing]
-        lesion = organ & _ellipsoid(grid, centre, radii)
-        label[lesion] = 2
-        if kind == "bright":
-            contrast[lesion] = p.ct_contrast * rng.uniform(90, 130)
-        elif kind == "dark":
-            contrast[lesion] = -p.ct_contrast * rng.uniform(20, 40)
-        else:  # ring: an enhancing rim around a dark core
-            core = lesion & _ellipsoid(grid, centre, [r * 0.55 for r in radii])
-            contrast[lesion] = p.ct_contrast * rng.uniform(90, 130)
-            contrast[core] = -p.ct_contrast * rng.uniform(10, 30)
+    _add_lesions(p, rng, axes, grid, organ, min_r, label, contrast)
     contrast += p.texture * _smooth_noise(rng, p.shape, p.spacing, 2.0) * body
 
     fov = _field_of_view(p, rng)
