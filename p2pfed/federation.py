@@ -72,7 +72,7 @@ class Settings:
     sharded_from: int = 8  # secure rounds of this many key-sealed sites or more are sharded (7.9)
     # each site's SGD momentum at a merge (docs/design.md 7.4): kept from its own last round
     # ("local", the reference FednnU-Net behaviour), started afresh ("reset"), or merged with
-    # the weights and the same weights ("merged"; FFE only: it needs one network)
+    # the weights, weighted like them ("merged"; FFE only: it needs one network)
     optimizer_state: str = "local"
 
     def __post_init__(self):

@@ -108,9 +108,8 @@ def initial_weights(spec: TrainSpec, seed: int = 0) -> Weights:
         torch.manual_seed(seed)
         trainer.initialize()
     weights = _to_numpy(_bare_network(trainer).state_dict())
-    if spec.optimizer_state == "merged":  # no momentum yet: SGD's first step makes it the gradient
-        weights.update({MOMENTUM + name: np.zeros(tuple(p.shape), np.float32)
-                        for name, p in _bare_network(trainer).named_parameters()})
+    if spec.optimizer_state == "merged":  # no momentum yet (zeros): SGD's first step makes it the gradient
+        weights.update(_momentum_of(trainer))
     return weights
 
 
