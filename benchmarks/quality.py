@@ -601,13 +601,14 @@ def merge(args) -> int:
             raise SystemExit(f"--merge: {run} and {first_run} differ in {', '.join(differ)}; not comparable")
     owner, per_case = {}, {}
     for run, doc in docs:
-        seed = doc["settings"].get("seed", 0)
-        for method in _methods_of(doc["cases"]):
+        cases = _cases_of(doc)
+        # each case's own seed: an earlier merge (several seeds) merges again with a new seed
+        for method, seed in sorted({(m, c["seed"]) for (m, _), cs in cases.items() for c in cs}):
             if (method, seed) in owner:
                 raise SystemExit(f"--merge: {method} with seed {seed} is in both {owner[method, seed]} and {run}")
             owner[method, seed] = run
-        for key, cases in _cases_of(doc).items():
-            per_case.setdefault(key, []).extend(cases)
+        for key, cs in cases.items():
+            per_case.setdefault(key, []).extend(cs)
     dp = next((doc["dp"] for _, doc in docs if doc.get("dp")), None)
     meta = {"settings": {k: first["settings"].get(k) for k in SAME_SETTINGS},
             "site_names": first.get("site_names") or [s for s in _columns(first["rows"]) if s != "mean"],

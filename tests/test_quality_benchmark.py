@@ -156,6 +156,15 @@ def test_runs_of_several_seeds_merge_into_mean_and_spread(tmp_path):
     assert doc["paired"]["FFE − local"]["mean"]["cases"] == 8  # 2 seeds x 2 sites x 2 cases
     assert doc["paired"]["FFE − centralized"]["mean"]["cases"] == 4  # seed 1 only
     assert "0.603 ± 0.004" in (tmp_path / "all" / "quality.md").read_text()
+    # the merged table merges again with a third seed: its cases keep their own seeds
+    again = tmp_path / "again"
+    assert quality.main(["--out", str(again), "--merge", str(tmp_path / "all"),
+                         str(_run(tmp_path, "s2", 2, ["FFE"]))]) == 0
+    doc = json.loads((again / "quality.json").read_text())
+    assert doc["seeds"] == [0, 1, 2]
+    assert {(r["method"], r["seeds"]) for r in doc["rows"]} >= {("FFE", 3), ("local", 2), ("centralized", 1)}
+    with pytest.raises(SystemExit, match="FFE with seed 1 is in both"):
+        quality.main(["--out", str(tmp_path / "m"), "--merge", str(tmp_path / "all"), str(runs[1])])
 
 
 def test_merge_refuses_a_method_and_seed_twice_and_runs_of_other_settings(tmp_path):
