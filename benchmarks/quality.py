@@ -25,6 +25,12 @@ and variants of FFE that measure what the gap to centralized training comes from
 All but FFE+SecAgg and FFE+DP run with the plain protocol (--no-secure-aggregation, which
 p2pfed init would otherwise turn on for 3 sites or more).
 
+--modalities CT MRI CT images each site in its own modality (cycled over the sites): CT and
+MRI-like sites federate only in asym mode, so such a run trains local, AsymFedAvg and
+AsymFedAvg-ref (centralized and FFE need one plan, one normalization, for every site); the
+unseen site is drawn in each modality (the same cases and labels) and every model predicts
+it in its own.
+
     .venv/bin/python benchmarks/quality.py --out out/s0 [--seed 0] [--quick] [--jobs 2] [--methods A,B]
     .venv/bin/python benchmarks/quality.py --out out/all --merge out/s0 out/s1 out/s2
 
@@ -90,7 +96,9 @@ MIN_SECURE_SITES = 3
 # the settings that fix the data, the budget and the evaluation: runs to merge must agree on them
 # (the seed may differ: a merge of several seeds reports their mean and spread)
 SAME_SETTINGS = ("task", "configuration", "sites", "rounds", "epochs_per_round", "iterations", "val_iterations",
-                 "train_cases", "test_cases", "unseen", "size", "tta", "optimizer_state")
+                 "train_cases", "test_cases", "unseen", "size", "tta", "optimizer_state", "modalities")
+# the methods whose sites may image in different modalities (each plans and normalizes its own)
+ANY_MODALITY = ("local", "AsymFedAvg", "AsymFedAvg-ref")
 LABELS = {v: k for k, v in synthetic.LABELS.items() if v}  # 1: organ, 2: lesion
 UNSEEN = "unseen"  # the site key of the unseen site's rows; its name is in the settings
 PRESETS = {
@@ -196,6 +204,29 @@ def run_centralized(args, sites: list[SimSite], work: Path, logs: Path) -> dict:
     return {("centralized", s.name): model_folder(pooled, args.configuration) for s in sites}
 
 
+def site_modalities(args) -> list[str]:
+    """Each site's modality (--modalities cycled over the sites; CT when not given)."""
+    given = args.modalities or ["CT"]
+    return [given[i % len(given)] for i in range(args.sites)]
+
+
+def make_unseen(args, work: Path) -> dict[str, SimSite]:
+    """The unseen site's test cases (no method trains on it) in each modality the sites image
+    in: the same cases and labels (the generator draws them before the images; checked)."""
+    if not args.unseen:
+        return {}
+    index = synthetic.hard_profiles() - 1
+    unseen = {}
+    for modality in sorted(set(site_modalities(args))):
+        site = unseen[modality] = SimSite(synthetic.site_name(index), 101 + index, work / "unseen" / modality)
+        synthetic.make_site(site.folders["raw"], site.dataset_id, index, n_train=0, n_test=args.test_cases,
+                            dim=args.dim, size=args.size, seed=args.seed, task=args.task, channels=(modality,))
+    first, *others = unseen.values()
+    for other in others:
+        _check_same_data(dataset_dir(first), dataset_dir(other), ["labelsTs"])
+    return unseen
+
+
 def dp_args(args) -> list[str]:
     return ["--dp-clip", str(args.dp_clip), "--dp-noise-multiplier", str(args.dp_noise_multiplier),
             "--dp-delta", str(args.dp_delta)]
@@ -217,22 +248,24 @@ def run_federation(args, method: str, sites: list[SimSite], work: Path, say, sec
             *([] if "--optimizer-state" in extra else ["--optimizer-state", args.optimizer_state]), *extra,
             *(dp_args(args) if method == "FFE+DP" else [])]
     sim = simulate.setup(work / method, args.sites, init_args=init, seed=args.seed, n_train=args.train_cases,
-                         size=args.size, task=args.task, dim=args.dim)
+                         size=args.size, task=args.task, dim=args.dim,
+                         channels=[(m,) for m in site_modalities(args)])
     for fed_site, site in zip(sim.sites, sites):
-        _check_same_training_data(dataset_dir(fed_site), dataset_dir(site))
+        _check_same_data(dataset_dir(fed_site), dataset_dir(site))
     status = simulate.run_until_done(sim, say=lambda line: say(f"[{method}] {line}"))
     secure[method] = status.get("secure_aggregation")  # with DP: the epsilon spent over all rounds
     trainer = extra[extra.index("--trainer") + 1] if "--trainer" in extra else "nnUNetTrainer"
     return {(method, s.name): model_folder(s, args.configuration, trainer) for s in sim.sites}
 
 
-def _check_same_training_data(a: Path, b: Path) -> None:
-    """Every method must train on the same bytes (the generator is deterministic; check it)."""
-    for sub in ("imagesTr", "labelsTr"):
+def _check_same_data(a: Path, b: Path, subfolders=("imagesTr", "labelsTr")) -> None:
+    """Every method must train (and be tested) on the same bytes: the generator is
+    deterministic; check it."""
+    for sub in subfolders:
         names = sorted(p.name for p in (a / sub).iterdir())
         _, mismatch, errors = filecmp.cmpfiles(a / sub, b / sub, names, shallow=False)
         if mismatch or errors or names != sorted(p.name for p in (b / sub).iterdir()):
-            raise RuntimeError(f"{a.name}/{sub}: training data differs between methods")
+            raise RuntimeError(f"{a.name}/{sub}: the data differs between methods or modalities")
 
 
 def _check_pooled_split(sites: list[SimSite], work: Path) -> None:
@@ -272,13 +305,15 @@ def train_all(args, sites: list[SimSite], work: Path, logs: Path, say) -> tuple[
     return models, {name: round(seconds, 1) for name, (_, seconds) in done.items()}, secure
 
 
-def predict_all(args, models: dict, sites: list[SimSite], unseen: SimSite | None, work: Path,
+def predict_all(args, models: dict, sites: list[SimSite], unseen: dict[str, SimSite], work: Path,
                 logs: Path) -> dict:
     """Predict each site's test cases with its model of each method, and the unseen site's
-    with every site's model; returns {(method, tested site, model's site): output folder}."""
+    (`unseen`: by modality; empty without it) with every site's model, in that site's
+    modality; returns {(method, tested site, model's site): output folder}."""
     outputs, jobs, by_name = {}, {}, {s.name: s for s in sites}
+    modality = dict(zip(by_name, site_modalities(args)))
     for (method, name), model in sorted(models.items()):
-        for tested in [by_name[name]] + ([unseen] if unseen else []):
+        for tested in [by_name[name]] + ([unseen[modality[name]]] if unseen else []):
             out = outputs[method, tested.name, name] = work / "predictions" / method / tested.name / name
             jobs.setdefault(str(model), []).append([str(dataset_dir(tested) / "imagesTs"), str(out)])
     folders = SimSite("predict", 0, work / "predict").folders
@@ -530,6 +565,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--size", type=int, nargs="+", help="image size at the nominal spacing (H W, or Z Y X)")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, help="mirroring at prediction")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modalities", type=str.upper, nargs="+", choices=synthetic.CHANNELS,
+                   help="each site's modality, cycled over the sites (CT MRI CT: asym methods only) [default: CT]")
     p.add_argument("--optimizer-state", choices=["local", "reset"], default="local",
                    help="federated methods: each site's SGD momentum after a merge (p2pfed init --optimizer-state)")
     p.add_argument("--jobs", type=int, default=1, help="methods trained at the same time")
@@ -549,6 +586,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.dim = 3 if args.configuration == "3d_fullres" else 2
+    if args.modalities and set(args.modalities) == {"CT"}:
+        args.modalities = None  # the default, recorded as earlier runs recorded it
+    mixed = len(set(site_modalities(args))) > 1
     if args.train_cases:  # one value for all sites, or the preset's cycled over --sites
         if given_cases and len(given_cases) not in (1, args.sites):
             p.error(f"--train-cases: give one value or {args.sites}")
@@ -562,10 +602,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"{synthetic.hard_profiles() - 1} or fewer")
     if args.size and len(args.size) != args.dim:
         p.error(f"--size: give {args.dim} values for {args.configuration}")
-    methods = METHODS if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    default = ANY_MODALITY if mixed else METHODS
+    methods = default if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown or not methods:
         p.error(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {','.join(ALL_METHODS)}")
+    one_plan = [m for m in methods if m not in ANY_MODALITY]
+    if mixed and one_plan:
+        p.error(f"--methods {','.join(one_plan)}: one plan normalizes every site alike, so its sites need one "
+                f"modality; with --modalities {' '.join(args.modalities)} run {','.join(ANY_MODALITY)}")
     secure = [m for m in methods if m in SECURE_METHODS]
     if secure and args.sites < MIN_SECURE_SITES:
         p.error(f"--methods {','.join(secure)}: secure aggregation needs --sites {MIN_SECURE_SITES} or more")
@@ -649,19 +694,16 @@ def main(argv=None) -> int:
         logs.mkdir(exist_ok=True)
         # The local sites' folders hold the test cases every method is evaluated on.
         sites = simulate.make_sites(work / "local", args.sites, seed=args.seed, n_train=args.train_cases,
-                                    n_test=args.test_cases, size=args.size, task=args.task, dim=args.dim)
-        unseen = None
-        if args.unseen:  # test cases only: no method trains on it
-            index = synthetic.hard_profiles() - 1
-            unseen = SimSite(synthetic.site_name(index), 101 + index, work / "unseen")
-            synthetic.make_site(unseen.folders["raw"], unseen.dataset_id, index, n_train=0, n_test=args.test_cases,
-                                dim=args.dim, size=args.size, seed=args.seed, task=args.task)
+                                    n_test=args.test_cases, size=args.size, task=args.task, dim=args.dim,
+                                    channels=[(m,) for m in site_modalities(args)])
+        unseen = make_unseen(args, work)
         models, wall, secure = train_all(args, sites, work, logs, say)
-        per_case = evaluate(predict_all(args, models, sites, unseen, work, logs), sites + ([unseen] if unseen else []),
+        # the unseen site's labels are the same in every modality: any of its folders will do
+        per_case = evaluate(predict_all(args, models, sites, unseen, work, logs), sites + list(unseen.values())[:1],
                             args.seed)
     wall["total"] = round(time.monotonic() - started, 1)
     meta = {"settings": _settings(args), "site_names": [s.name for s in sites],
-            "unseen_site": unseen.name if unseen else None,
+            "unseen_site": next(iter(unseen.values())).name if unseen else None,
             "steps_per_site": args.rounds * args.epochs_per_round * args.iterations,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
             "wall_s": wall, "secure_aggregation": secure, "dp": _dp(secure)}

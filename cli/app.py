@@ -542,6 +542,8 @@ def simulate(
                              "spacing); large enough that the coarsest site's lesions are not a few voxels."),
     cases: int = typer.Option(10, "--cases", help="Training cases per site; nnU-Net's fold 0 validates on a fifth."),
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic data."),
+    modalities: str = typer.Option("CT", "--modalities", help="Each site's modality, comma-separated and cycled "
+                                   "over the sites: CT or MRI; e.g. CT,MRI (other modalities need --mode asym)."),
     storage: Optional[str] = typer.Option(None, "--storage", help="Shared storage (default: WORKDIR/shared)."),
     no_final_validation: bool = NoFinalValidation, _final_validation: bool = FinalValidation,
 ):
@@ -549,7 +551,7 @@ def simulate(
 
     Each site runs in its own process, ticking as cron would; the per-site results are
     printed at the end."""
-    from p2pfed import simulate as sim
+    from p2pfed import simulate as sim, synthetic
 
     if workdir.exists() and any(workdir.iterdir()):
         raise UsageError(f"{workdir} exists and is not empty", "remove it or give another WORKDIR")
@@ -557,12 +559,19 @@ def simulate(
         raise UsageError("--dim must be 2 or 3")
     if cases < 5:
         raise UsageError("--cases must be at least 5", "nnU-Net's 5-fold split needs them")
+    kinds = [m.strip().upper() for m in modalities.split(",") if m.strip()]
+    if not kinds or any(m not in synthetic.CHANNELS for m in kinds):
+        raise UsageError(f"--modalities {modalities!r}: give CT or MRI, comma-separated", "e.g. --modalities CT,MRI")
+    if len(set(kinds)) > 1 and mode != "asym":
+        raise UsageError(f"--modalities {modalities}: {mode} needs every site in the same modality",
+                         "add --mode asym (each site plans and normalizes its own data)")
     init_args = ["--mode", mode, "--rounds", str(rounds), "--iterations-per-epoch", str(iterations),
                  "--val-iterations", "2", "--configuration", "2d" if dim == 2 else "3d_fullres",
                  "--no-final-validation" if no_final_validation else "--final-validation"]
     out.print(f"Generating {sites} synthetic sites in {workdir} and forming the federation ...")
     simulation = sim.setup(workdir, sites, storage=storage, init_args=init_args, dim=dim, seed=seed,
-                           n_train=cases, size=(size, size) if dim == 2 else None)
+                           n_train=cases, size=(size, size) if dim == 2 else None,
+                           channels=[(kinds[i % len(kinds)],) for i in range(sites)])
     started = time.monotonic()
     doc = sim.run_until_done(simulation, say=lambda line: out.print(line, markup=False))
     out.print(f"Finished in {time.monotonic() - started:.0f} s and {simulation.ticks} ticks.")

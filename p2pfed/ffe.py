@@ -51,19 +51,32 @@ def dataset_info(dataset_json: Mapping) -> dict:
     return info
 
 
-def merge_dataset_info(infos: Mapping[str, Mapping]) -> dict:
-    """Check that all sites declare the same labels, channels and file ending; sum numTraining."""
+def merge_dataset_info(infos: Mapping[str, Mapping], *, same_modalities: bool = True) -> dict:
+    """Check that all sites declare the same labels, channels and file ending; sum numTraining.
+
+    Without `same_modalities` (asym: each site plans and normalizes its own data) only the
+    channels' number and order must agree, the input of the shared first convolution; a
+    CT site and an MRI site may then federate."""
     sites = sorted(infos)
     if not sites:
         raise ValueError("no sites to merge")
     first = infos[sites[0]]
     for site in sites[1:]:
         for field in COMPAT_FIELDS:
-            if infos[site].get(field) != first.get(field):
-                raise DatasetError(
-                    f"site {site}: dataset.json {field} is {json.dumps(infos[site].get(field))}, "
-                    f"but site {sites[0]} has {json.dumps(first.get(field))}",
-                    "all members must declare the same channel_names, labels and file_ending")
+            mine, theirs = infos[site].get(field), first.get(field)
+            if field == "channel_names" and not same_modalities:
+                mine, theirs = sorted(mine or {}, key=int), sorted(theirs or {}, key=int)
+                if mine != theirs:
+                    raise DatasetError(
+                        f"site {site}: dataset.json has channels {', '.join(mine)}, "
+                        f"but site {sites[0]} has {', '.join(theirs)}",
+                        "asym members may image in other modalities, but need the same number of input channels")
+            elif mine != theirs:
+                hint = ("all members must declare the same channel_names, labels and file_ending"
+                        + ("; sites with other modalities can federate with --mode asym"
+                           if field == "channel_names" else ""))
+                raise DatasetError(f"site {site}: dataset.json {field} is {json.dumps(mine)}, "
+                                   f"but site {sites[0]} has {json.dumps(theirs)}", hint)
     merged = {k: first[k] for k in COMPAT_FIELDS if k in first}
     merged["numTraining"] = sum(int(infos[s]["numTraining"]) for s in sites)
     return merged

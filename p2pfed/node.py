@@ -13,6 +13,7 @@ from .crypto import Identity, PublicIdentity, sha256_hex
 from .dataset import check_trainable, dataset_json
 from .errors import IntegrityError, SetupError, UsageError
 from .federation import Federation, Settings
+from .protocol.modes import mode_of
 from .site import DEVICES, SiteConfig, SiteHome, TickBusy
 from .storage import Storage, open_storage, probe
 
@@ -84,8 +85,10 @@ def _config(opts: LocalOptions, folders: dict, storage: Storage, fed_id: str, ge
 
 
 def check_schema(fed: Federation, site: str, info: dict) -> None:
-    """Labels, channels and file ending must match the federation's before anything is shared."""
-    ffe.merge_dataset_info({fed.founder: {**fed.schema, "numTraining": 0}, site: info})
+    """Labels, channels and file ending must match the federation's before anything is shared
+    (in asym, the channels' modalities may differ: its mode says)."""
+    ffe.merge_dataset_info({fed.founder: {**fed.schema, "numTraining": 0}, site: info},
+                           same_modalities=mode_of(fed.settings).same_modalities)
 
 
 def init(storage_url: str, opts: LocalOptions, settings: Settings) -> tuple[SiteConfig, PublicIdentity]:

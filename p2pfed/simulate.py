@@ -69,8 +69,10 @@ def make_sites(workdir: Path, n_sites: int, *, dim: int = 2, seed: int = 0, n_tr
         site = SimSite(site_name(i), 101 + i, workdir / "sites" / site_name(i))
         n = n_train[i] if isinstance(n_train, (list, tuple)) else n_train if n_train is not None \
             else trainable_cases(i)
+        # channels: one tuple for every site, or one per site (asym: CT and MRI sites)
+        mine = channels if isinstance(channels[0], str) else channels[i]
         make_site(site.folders["raw"], site.dataset_id, i, n_train=n, n_test=n_test, dim=dim, size=size,
-                  seed=seed, channels=channels, task=task)
+                  seed=seed, channels=mine, task=task)
         sites.append(site)
     return sites
 

@@ -113,6 +113,20 @@ def test_incompatible_dataset_json_names_site_and_field(federation):
     assert ffe.merge_dataset_info({s: summaries[s]["dataset"] for s in summaries})["numTraining"] == 12
 
 
+def test_asym_lets_the_modalities_differ_but_not_the_number_of_channels():
+    ct, mri = {**INFO, "numTraining": 5}, {**INFO, "channel_names": {"0": "MRI"}, "numTraining": 6}
+    with pytest.raises(DatasetError, match="channel_names") as refused:  # one plan normalizes every site alike
+        ffe.merge_dataset_info({"a": ct, "b": mri})
+    assert "--mode asym" in refused.value.hint
+    assert ffe.merge_dataset_info({"a": ct, "b": mri}, same_modalities=False)["numTraining"] == 11
+    two = {**mri, "channel_names": {"0": "MRI", "1": "CT"}}
+    with pytest.raises(DatasetError, match="site b: dataset.json has channels 0, 1, but site a has 0"):
+        ffe.merge_dataset_info({"a": ct, "b": two}, same_modalities=False)
+    with pytest.raises(DatasetError, match="labels"):  # the labels still must agree
+        ffe.merge_dataset_info({"a": ct, "b": {**mri, "labels": {"background": 0, "tumour": 1}}},
+                               same_modalities=False)
+
+
 def test_histograms_that_do_not_fit_are_rejected(federation):
     _, summaries, histograms, ranges, _ = federation
     other_ranges = {**histograms, "a": {**histograms["a"], "ranges": [[0.0, 1.0]]}}

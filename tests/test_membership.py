@@ -117,6 +117,21 @@ def test_join_with_incompatible_dataset_is_refused_before_sharing(tmp_path):
     assert not (tmp_path / "shared" / "joins").exists()
 
 
+@pytest.mark.parametrize("mode, admitted", [("asym", True), ("ffe", False)])
+def test_a_site_in_another_modality_joins_only_an_asym_federation(mode, admitted, tmp_path):
+    """Asym: each site plans and normalizes its own data, so an MRI site may join a CT
+    founder (the channels' number must agree); FFE's one plan cannot normalize both."""
+    url = str(tmp_path / "shared")
+    cli("init", url, *site_args(tmp_path, "a", 1), "--mode", mode)
+    result = cli("join", *join_args(tmp_path, url, "b", 2, channel_names={"0": "MRI"}), ok=admitted)
+    assert (tmp_path / "shared" / "joins" / "b.json").exists() == admitted
+    if not admitted:
+        assert result.exit_code == 4 and "site b: dataset.json channel_names" in result.output
+        assert "--mode asym" in result.output
+    two = cli("join", *join_args(tmp_path, url, "c", 3, channel_names={"0": "MRI", "1": "CT"}), ok=False)
+    assert two.exit_code == 4 and "dataset.json" in two.output and "channel" in two.output
+
+
 def test_second_init_and_missing_dataset(tmp_path):
     url = str(tmp_path / "shared")
     cli("init", url, *site_args(tmp_path, "a", 1))

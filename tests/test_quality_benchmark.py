@@ -185,3 +185,21 @@ def test_variants_keep_the_step_budget_and_bad_settings_are_refused():
                 ["--sites", "4"], ["--configuration", "3d_fullres", "--size", "32", "32"]):
         with pytest.raises(SystemExit):
             quality.parse_args(["--out", "x", *bad])
+
+
+def test_mixed_modalities_train_the_asym_methods_and_draw_the_unseen_site_in_each(tmp_path, capsys):
+    args = quality.parse_args(["--out", "x", "--modalities", "ct", "MRI", "--size", "24", "24", "--test-cases", "2"])
+    assert quality.site_modalities(args) == ["CT", "MRI", "CT"]  # cycled over the three sites
+    assert args.methods == list(quality.ANY_MODALITY)  # the methods that can run
+    with pytest.raises(SystemExit):  # one plan cannot normalize CT and MRI sites alike
+        quality.parse_args(["--out", "x", "--modalities", "CT", "MRI", "--methods", "local,FFE"])
+    assert "FFE" in capsys.readouterr().err
+    assert quality.parse_args(["--out", "x", "--modalities", "CT"]).modalities is None  # as earlier runs record it
+    assert quality.site_modalities(quality.parse_args(["--out", "x", "--modalities", "MRI"])) == ["MRI"] * 3
+    unseen = quality.make_unseen(args, tmp_path)  # checks that both modalities hold the same labels
+    assert sorted(unseen) == ["CT", "MRI"] and {s.name for s in unseen.values()} == {"SiteD"}
+    channels = {m: json.loads((quality.dataset_dir(s) / "dataset.json").read_text())["channel_names"]
+                for m, s in unseen.items()}
+    assert channels == {"CT": {"0": "CT"}, "MRI": {"0": "MRI"}}
+    images = {m: sorted((quality.dataset_dir(s) / "imagesTs").iterdir())[0].read_bytes() for m, s in unseen.items()}
+    assert images["CT"] != images["MRI"]

@@ -155,9 +155,11 @@ def test_status_plot_and_idle_tick(ffe_run, tmp_path):
 
 def test_asym_on_s3_with_interleaved_ticks(on_seaweedfs, tmp_path):
     """Real nnU-Net on the real SeaweedFS server (the README walkthrough, tests/test_walkthrough.py,
-    runs real nnU-Net on moto's: one full run on each S3 server keeps the suite in its budget)."""
+    runs real nnU-Net on moto's: one full run on each S3 server keeps the suite in its budget).
+    SiteB images in MRI, the others in CT: asym federates them, each normalizing its own way."""
     storage = new_bucket(on_seaweedfs)
-    sim = simulate.setup(tmp_path, 3, storage=storage, init_args=TINY + ["--mode", "asym", "--no-final-validation"])
+    sim = simulate.setup(tmp_path, 3, storage=storage, init_args=TINY + ["--mode", "asym", "--no-final-validation"],
+                         channels=[("CT",), ("MRI",), ("CT",)])
     for site in ("SiteB", "SiteC"):  # they declare their cases and wait: nobody trains before all have
         assert "waiting for the case-count declarations of SiteA" in sim.cli("round", "--site", site).stdout
     # SiteA's first tick plans and trains round 1 (asym needs nobody else for that), as cron runs it
@@ -174,6 +176,9 @@ def test_asym_on_s3_with_interleaved_ticks(on_seaweedfs, tmp_path):
     for e in doc["rounds"]:
         assert e["merge_agreed"] is True and len(e["seal"]["contributions"]) == 3
     assert len(set(doc["plans"].values())) == 3  # heterogeneous sites plan different networks
+    norms = {s.name: json.loads(next(s.folders["preprocessed"].glob("Dataset*/nnUNetPlans.json")).read_text())
+             ["configurations"]["2d"]["normalization_schemes"] for s in sim.sites}
+    assert norms == {"SiteA": ["CTNormalization"], "SiteB": ["ZScoreNormalization"], "SiteC": ["CTNormalization"]}
     assert not any(k.startswith("fingerprints/Site") for k in _keys(storage))  # asym shares no statistics
     assert sim.cli("verify", "--site", "SiteC").returncode == 0
 

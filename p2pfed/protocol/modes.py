@@ -17,6 +17,9 @@ class Mode:
     shares_statistics: bool  # publish fingerprint summaries and histograms (FFE)
     plans_must_agree: bool
     first_round: int  # 0: a shared initial model is round 0
+    # every site's channels in the same modalities (FFE: one plan normalizes them alike);
+    # asym: each site's own plan normalizes its own, so CT and MRI sites may federate
+    same_modalities: bool
 
     def expected_base(self, r: int, site: str, previous: dict[str, str] | None) -> str | None:
         """The model hash a round-r contribution of `site` must name; `previous` is the
@@ -39,8 +42,8 @@ class Mode:
         return self.plans_must_agree and r > 0
 
 
-FFE = Mode("ffe", shares_statistics=True, plans_must_agree=True, first_round=0)
-ASYM = Mode("asym", shares_statistics=False, plans_must_agree=False, first_round=1)
+FFE = Mode("ffe", shares_statistics=True, plans_must_agree=True, first_round=0, same_modalities=True)
+ASYM = Mode("asym", shares_statistics=False, plans_must_agree=False, first_round=1, same_modalities=False)
 
 
 def mode_of(settings) -> Mode:
