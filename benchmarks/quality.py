@@ -659,8 +659,10 @@ def merge(args) -> int:
             "site_names": first.get("site_names") or [s for s in _columns(first["rows"]) if s != "mean"],
             "unseen_site": first.get("unseen_site"), "methods": _methods_of(per_case),
             "seeds": sorted({seed for _, seed in owner}), "steps_per_site": first["steps_per_site"],
-            "merged_from": [{"run": str(run), "methods": _methods_of(doc["cases"]), "settings": doc["settings"],
-                             "machine": doc.get("machine"), "wall_s": doc.get("wall_s")} for run, doc in docs],
+            # the runs by folder name (no machine paths); a merged table lists the runs it came from
+            "merged_from": [entry for run, doc in docs for entry in doc.get("merged_from") or [
+                {"run": run.name, "methods": _methods_of(doc["cases"]), "settings": doc["settings"],
+                 "machine": doc.get("machine"), "wall_s": doc.get("wall_s")}]],
             "secure_aggregation": {k: v for _, doc in docs for k, v in (doc.get("secure_aggregation") or {}).items()},
             "dp": dp, "wall_s": {}}
     args.out.mkdir(parents=True, exist_ok=True)

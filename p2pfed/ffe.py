@@ -65,7 +65,7 @@ def merge_dataset_info(infos: Mapping[str, Mapping], *, same_modalities: bool = 
         for field in COMPAT_FIELDS:
             mine, theirs = infos[site].get(field), first.get(field)
             if field == "channel_names" and not same_modalities:
-                mine, theirs = sorted(mine or {}, key=int), sorted(theirs or {}, key=int)
+                mine, theirs = sorted(mine or {}), sorted(theirs or {})  # the channels, not their names
                 if mine != theirs:
                     raise DatasetError(
                         f"site {site}: dataset.json has channels {', '.join(mine)}, "

@@ -162,6 +162,7 @@ def test_runs_of_several_seeds_merge_into_mean_and_spread(tmp_path):
                          str(_run(tmp_path, "s2", 2, ["FFE"]))]) == 0
     doc = json.loads((again / "quality.json").read_text())
     assert doc["seeds"] == [0, 1, 2]
+    assert [e["run"] for e in doc["merged_from"]] == ["s0", "s1", "s1c", "s2"]  # folder names, flattened
     assert {(r["method"], r["seeds"]) for r in doc["rows"]} >= {("FFE", 3), ("local", 2), ("centralized", 1)}
     with pytest.raises(SystemExit, match="FFE with seed 1 is in both"):
         quality.main(["--out", str(tmp_path / "m"), "--merge", str(tmp_path / "all"), str(runs[1])])
