@@ -382,6 +382,8 @@ def table_rows(per_case: dict, site_names: list[str], unseen: str | None = None)
                 for label, m in by_label.items():
                     per_seed.setdefault((name, label), []).append((m["dsc"], m["hd95"], len(cases)))
             trained = [site_means[n] for n in site_names if n in site_means]
+            if not trained:  # this method did not run with this seed
+                continue
             for label in (*LABELS.values(), "mean"):
                 per_seed.setdefault(("mean", label), []).append(
                     (_nanmean(t[label]["dsc"] for t in trained), _nanmean(t[label]["hd95"] for t in trained),
@@ -577,9 +579,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dp-noise-multiplier", type=float, default=DP_NOISE_MULTIPLIER,
                    help="FFE+DP: the aggregate's noise std over --dp-clip")
     p.add_argument("--dp-delta", type=float, default=DP_DELTA, help="FFE+DP: the delta epsilon is reported for")
-    p.add_argument("--merge", type=Path, nargs="+", metavar="RUN",
+    p.add_argument("--merge", type=merge_source, nargs="+", metavar="RUN[:METHODS]",
                    help="no training: combine the quality.json of these earlier runs (same settings; "
-                        "different methods or seeds) into --out")
+                        "different methods or seeds) into --out; RUN:A,B takes only methods A and B of RUN")
     args = p.parse_args(argv)
     given_cases = args.train_cases
     for key, value in PRESETS["quick" if args.quick else args.task].items():
@@ -636,9 +638,31 @@ def _cases_of(doc: dict) -> dict:
     return per_case
 
 
+def merge_source(text: str) -> tuple[Path, list[str] | None]:
+    """--merge's RUN or RUN:A,B (only methods A and B of that run)."""
+    run, _, methods = text.partition(":")
+    chosen = [m.strip() for m in methods.split(",") if m.strip()] or None
+    unknown = [m for m in chosen or [] if m not in ALL_METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{text}: unknown method {', '.join(unknown)}")
+    return Path(run), chosen
+
+
+def _load_run(run: Path, methods: list[str] | None) -> dict:
+    doc = json.loads((run / "quality.json").read_text())
+    if methods:
+        doc["cases"] = [c for c in doc["cases"] if c["method"] in methods]
+        if not doc["cases"]:
+            raise SystemExit(f"--merge: {run} has none of {', '.join(methods)}")
+        if doc.get("merged_from"):  # an earlier merge: the runs those methods came from
+            doc["merged_from"] = [{**e, "methods": [m for m in e["methods"] if m in methods]}
+                                  for e in doc["merged_from"] if set(e["methods"]) & set(methods)]
+    return doc
+
+
 def merge(args) -> int:
     """Combine earlier runs' quality.json (each method and seed from one run only) into --out."""
-    docs = [(run, json.loads((run / "quality.json").read_text())) for run in args.merge]
+    docs = [(run, _load_run(run, methods)) for run, methods in args.merge]
     first_run, first = docs[0]
     for run, doc in docs[1:]:
         differ = [k for k in SAME_SETTINGS if doc["settings"].get(k) != first["settings"].get(k)]

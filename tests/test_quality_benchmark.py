@@ -166,6 +166,10 @@ def test_runs_of_several_seeds_merge_into_mean_and_spread(tmp_path):
     assert {(r["method"], r["seeds"]) for r in doc["rows"]} >= {("FFE", 3), ("local", 2), ("centralized", 1)}
     with pytest.raises(SystemExit, match="FFE with seed 1 is in both"):
         quality.main(["--out", str(tmp_path / "m"), "--merge", str(tmp_path / "all"), str(runs[1])])
+    # RUN:METHODS takes only some methods of a run: here local of seed 1, without its FFE
+    assert quality.main(["--out", str(tmp_path / "m"), "--merge", str(runs[0]), f"{runs[1]}:local"]) == 0
+    doc = json.loads((tmp_path / "m" / "quality.json").read_text())
+    assert {(r["method"], r["seeds"]) for r in doc["rows"]} == {("FFE", 1), ("local", 2)}
 
 
 def test_merge_refuses_a_method_and_seed_twice_and_runs_of_other_settings(tmp_path):
