@@ -210,6 +210,11 @@ def site_modalities(args) -> list[str]:
     return [given[i % len(given)] for i in range(args.sites)]
 
 
+def site_channels(args) -> list[tuple[str]]:
+    """Each site's channels, as p2pfed.simulate takes them: its one modality."""
+    return [(m,) for m in site_modalities(args)]
+
+
 def make_unseen(args, work: Path) -> dict[str, SimSite]:
     """The unseen site's test cases (no method trains on it) in each modality the sites image
     in: the same cases and labels (the generator draws them before the images; checked)."""
@@ -249,7 +254,7 @@ def run_federation(args, method: str, sites: list[SimSite], work: Path, say, sec
             *(dp_args(args) if method == "FFE+DP" else [])]
     sim = simulate.setup(work / method, args.sites, init_args=init, seed=args.seed, n_train=args.train_cases,
                          size=args.size, task=args.task, dim=args.dim,
-                         channels=[(m,) for m in site_modalities(args)])
+                         channels=site_channels(args))
     for fed_site, site in zip(sim.sites, sites):
         _check_same_data(dataset_dir(fed_site), dataset_dir(site))
     status = simulate.run_until_done(sim, say=lambda line: say(f"[{method}] {line}"))
@@ -721,7 +726,7 @@ def main(argv=None) -> int:
         # The local sites' folders hold the test cases every method is evaluated on.
         sites = simulate.make_sites(work / "local", args.sites, seed=args.seed, n_train=args.train_cases,
                                     n_test=args.test_cases, size=args.size, task=args.task, dim=args.dim,
-                                    channels=[(m,) for m in site_modalities(args)])
+                                    channels=site_channels(args))
         unseen = make_unseen(args, work)
         models, wall, secure = train_all(args, sites, work, logs, say)
         # the unseen site's labels are the same in every modality: any of its folders will do
