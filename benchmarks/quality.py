@@ -416,36 +416,51 @@ def comparisons(methods: list[str]) -> list[tuple[str, str]]:
     return [(a, b) for a, b in dict.fromkeys(pairs) if a in methods and b in methods]
 
 
-def bootstrap_ci(d: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> tuple[float, float]:
-    """95 % percentile bootstrap interval of the mean of `d` (resampling its entries)."""
+def bootstrap_ci(groups: list[np.ndarray], resamples: int = BOOTSTRAP_RESAMPLES,
+                 seed: int = 0) -> tuple[float, float]:
+    """95 % percentile interval of the mean difference by a two-stage bootstrap: draw the
+    groups (seeds, i.e. trainings) with replacement, then each drawn group's cases with
+    replacement, and average all drawn cases. Resampling the seeds is what puts the
+    training noise into the interval; with one group it is the plain case bootstrap."""
     rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, len(d), (resamples, len(d)))].mean(axis=1)
+    # Each group's resampled case sums first, so one group draws exactly the plain bootstrap.
+    sums = np.stack([g[rng.integers(0, len(g), (resamples, len(g)))].sum(axis=1) for g in groups], axis=1)
+    sizes = np.array([len(g) for g in groups])
+    drawn = rng.integers(0, len(groups), (resamples, len(groups)))
+    means = np.take_along_axis(sums, drawn, axis=1).sum(axis=1) / sizes[drawn].sum(axis=1)
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def paired(per_case: dict, a: str, b: str, site_names: list[str], unseen: str | None = None) -> dict:
     """Per-case DSC of `a` minus `b` on the same test cases (same seed, site, case and, at the
     unseen site, the model of the same site), per site, over all trained sites ("mean"),
-    and at the unseen site: {site: {"diff", "low", "high", "cases"}}."""
+    and at the unseen site: {site: {"diff", "low", "high", "cases", "seeds"}}. The interval
+    resamples seeds, then cases (bootstrap_ci)."""
     def by_key(method, name):
         return {(c["seed"], c["model"], c["case"]): case_dsc(c) for c in per_case.get((method, name), [])}
 
-    out, pooled = {}, []
+    out, pooled = {}, {}
     for name in site_names + ([unseen] if unseen else []):
         x, y = by_key(a, name), by_key(b, name)
-        d = np.array([x[k] - y[k] for k in sorted(set(x) & set(y)) if not np.isnan(x[k] - y[k])])
+        by_seed = {}
+        for k in sorted(set(x) & set(y)):
+            if not np.isnan(x[k] - y[k]):
+                by_seed.setdefault(k[0], []).append(x[k] - y[k])
         if name != unseen:
-            pooled.append(d)
-        if len(d):
-            out[name] = _summary(d)
-    if pooled and sum(map(len, pooled)):
-        out["mean"] = _summary(np.concatenate(pooled))
+            for s, d in by_seed.items():
+                pooled.setdefault(s, []).extend(d)
+        if by_seed:
+            out[name] = _summary(by_seed)
+    if pooled:
+        out["mean"] = _summary(pooled)
     return out
 
 
-def _summary(d: np.ndarray) -> dict:
-    low, high = bootstrap_ci(d)
-    return {"diff": float(d.mean()), "low": low, "high": high, "cases": int(len(d))}
+def _summary(by_seed: dict[int, list[float]]) -> dict:
+    groups = [np.array(by_seed[s]) for s in sorted(by_seed)]
+    low, high = bootstrap_ci(groups)
+    d = np.concatenate(groups)
+    return {"diff": float(d.mean()), "low": low, "high": high, "cases": int(len(d)), "seeds": len(groups)}
 
 
 def paired_markdown(pairs: dict, columns: list[str], unseen: str | None) -> str:
@@ -540,8 +555,8 @@ def write_outputs(out: Path, per_case: dict, meta: dict) -> str:
     text = (markdown(rows, dp=meta.get("dp"), unseen=unseen)
             + f"\nSeeds: {', '.join(map(str, seeds))}" + (" (mean ± standard deviation over seeds)" if len(seeds) > 1
                                                           else "") + ".\n"
-            + ("\nPaired per-case DSC differences (mean, 95 % bootstrap interval over test cases"
-               + (", seeds pooled" if len(seeds) > 1 else "") + "):\n\n"
+            + ("\nPaired per-case DSC differences (mean, 95 % bootstrap interval over "
+               + ("seeds, then their test cases" if len(seeds) > 1 else "test cases") + "):\n\n"
                + paired_markdown(pairs, sites + ["mean"] + ([unseen] if unseen else []), unseen) if pairs else ""))
     (out / "quality.md").write_text(text)
     plot(rows, out / "quality.png", unseen)

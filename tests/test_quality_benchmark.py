@@ -127,9 +127,26 @@ def test_paired_differences_match_cases_and_their_interval_covers_the_mean():
     assert pairs["SiteA"]["cases"] == 40 and pairs["SiteA"]["diff"] == pytest.approx(0.05)
     assert pairs["SiteA"]["low"] == pytest.approx(0.05) == pytest.approx(pairs["SiteA"]["high"])  # no spread
     assert "SiteB" not in pairs  # different seeds: nothing to pair
-    noisy = quality.bootstrap_ci(rng.normal(0.02, 0.05, 200))
+    assert pairs["SiteA"]["seeds"] == 2
+    noisy = quality.bootstrap_ci([rng.normal(0.02, 0.05, 200)])
     assert noisy[0] < 0.02 < noisy[1] and noisy[1] - noisy[0] < 0.03
-    assert quality.bootstrap_ci(np.array([0.1, 0.3])) == quality.bootstrap_ci(np.array([0.1, 0.3]))  # seeded
+    assert quality.bootstrap_ci([np.array([0.1, 0.3])]) == quality.bootstrap_ci([np.array([0.1, 0.3])])  # seeded
+
+
+def test_the_interval_widens_with_the_disagreement_between_seeds():
+    """Two trainings that disagree (+0.10 and 0.00 on every case) are training noise: resampling
+    the seeds puts it in the interval, where pooling their cases would call +0.05 resolved."""
+    agree = [np.full(20, 0.05), np.full(20, 0.05)]
+    disagree = [np.full(20, 0.10), np.full(20, 0.00)]
+    assert quality.bootstrap_ci(agree) == pytest.approx((0.05, 0.05))
+    low, high = quality.bootstrap_ci(disagree)
+    assert low == pytest.approx(0.0) and high == pytest.approx(0.10)
+    pooled = quality.bootstrap_ci([np.concatenate(disagree)])
+    assert 0.0 < pooled[0] < pooled[1] < 0.10
+    per_case = per_case_of({("FFE", "SiteA"): {0: [0.6] * 20, 1: [0.5] * 20},
+                            ("local", "SiteA"): {0: [0.5] * 20, 1: [0.5] * 20}})
+    pairs = quality.paired(per_case, "FFE", "local", ["SiteA"])
+    assert pairs["SiteA"]["low"] == pytest.approx(0.0) and pairs["mean"]["high"] == pytest.approx(0.10)
 
 
 def _run(tmp_path, name, seed, methods, settings=None):
