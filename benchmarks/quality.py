@@ -444,8 +444,8 @@ def paired(per_case: dict, a: str, b: str, site_names: list[str], unseen: str | 
         x, y = by_key(a, name), by_key(b, name)
         by_seed = {}
         for k in sorted(set(x) & set(y)):
-            if not np.isnan(x[k] - y[k]):
-                by_seed.setdefault(k[0], []).append(x[k] - y[k])
+            if not np.isnan(d := x[k] - y[k]):
+                by_seed.setdefault(k[0], []).append(d)
         if name != unseen:
             for s, d in by_seed.items():
                 pooled.setdefault(s, []).extend(d)
