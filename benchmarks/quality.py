@@ -96,7 +96,7 @@ MIN_SECURE_SITES = 3
 # the settings that fix the data, the budget and the evaluation: runs to merge must agree on them
 # (the seed may differ: a merge of several seeds reports their mean and spread)
 SAME_SETTINGS = ("task", "configuration", "sites", "rounds", "epochs_per_round", "iterations", "val_iterations",
-                 "train_cases", "test_cases", "unseen", "size", "tta", "optimizer_state", "modalities")
+                 "train_cases", "test_cases", "unseen", "size", "tta", "optimizer_state", "modalities", "scanners")
 # the methods whose sites may image in different modalities (each plans and normalizes its own)
 ANY_MODALITY = ("local", "AsymFedAvg", "AsymFedAvg-ref")
 LABELS = {v: k for k, v in synthetic.LABELS.items() if v}  # 1: organ, 2: lesion
@@ -716,8 +716,10 @@ def merge(args) -> int:
 
 
 def _settings(args) -> dict:
-    """The run's settings as JSON, without this machine's paths."""
-    return {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("workdir",)}
+    """The run's settings as JSON, without this machine's paths, and the digest of the task's
+    scanners (a recalibrated task does not merge with results of the one before)."""
+    return {**{k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("workdir",)},
+            "scanners": synthetic.scanners_digest(args.task)}
 
 
 def share_the_cores(jobs: int) -> None:

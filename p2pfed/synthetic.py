@@ -21,6 +21,7 @@ a 999 mm slice spacing, the nnU-Net convention for 2-D NIfTI.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -125,6 +126,14 @@ def site_profile(site_index: int, *, dim: int = 2, size: Sequence[int] | None = 
                   for axis, (n, nom, sp) in enumerate(zip(nominal_shape, NOMINAL_SPACING[dim], spacing)))
     return SiteProfile(site_name(site_index), spacing, shape, float(margin), float(organ), tuple(lesions),
                        *(float(v) for v in intensity), task=task, **hard)
+
+
+def scanners_digest(task: str) -> str:
+    """A short digest of the task's hand-made scanners: it changes with every calibration of
+    the task, so that results of two calibrations are never merged as one (benchmarks)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, not {task!r}")
+    return hashlib.sha256(repr(_SCANNERS if task == "easy" else _HARD_SCANNERS).encode()).hexdigest()[:12]
 
 
 def hard_profiles() -> int:

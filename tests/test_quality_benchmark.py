@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from p2pfed import synthetic
+
 BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 import quality  # noqa: E402
@@ -82,6 +84,7 @@ def test_quick_run_reports_every_method_and_site(tmp_path):
     assert "SiteD (unseen) DSC" in table and "| FFE − centralized |" in table
     assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert doc["steps_per_site"] == 2 and doc["wall_s"]["total"] > 0
+    assert doc["settings"]["scanners"] == synthetic.scanners_digest("hard")  # the calibration it ran
 
 
 # --- tables, seeds and paired comparisons on hand-made per-case metrics ----------------------
@@ -196,6 +199,10 @@ def test_merge_refuses_a_method_and_seed_twice_and_runs_of_other_settings(tmp_pa
     c = _run(tmp_path, "c", 1, ["FFE"], {"rounds": 5})
     with pytest.raises(SystemExit, match="differ in rounds"):
         quality.main(["--out", str(tmp_path / "m"), "--merge", str(a), str(c)])
+    # a run of the task before its recalibration: same name and settings, other scanners
+    d = _run(tmp_path, "d", 1, ["FFE"], {"scanners": synthetic.scanners_digest("easy")})
+    with pytest.raises(SystemExit, match="differ in scanners"):
+        quality.main(["--out", str(tmp_path / "m"), "--merge", str(a), str(d)])
 
 
 def test_variants_keep_the_step_budget_and_bad_settings_are_refused():
