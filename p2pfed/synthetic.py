@@ -98,15 +98,19 @@ def site_name(site_index: int) -> str:
     return f"Site{chr(65 + site_index)}" if site_index < 26 else f"Site{site_index}"
 
 
+def _scanners(task: str) -> tuple:
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, not {task!r}")
+    return _SCANNERS if task == "easy" else _HARD_SCANNERS
+
+
 def site_profile(site_index: int, *, dim: int = 2, size: Sequence[int] | None = None,
                  seed: int = 0, task: str = "easy") -> SiteProfile:
     """The scanner of site `site_index` (deterministic)."""
     if dim not in (2, 3):
         raise ValueError(f"dim must be 2 or 3, not {dim}")
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, not {task!r}")
+    scanners = _scanners(task)
     rng = np.random.default_rng([seed, site_index, 0])
-    scanners = _SCANNERS if task == "easy" else _HARD_SCANNERS
     hard = {}
     if site_index < len(scanners):
         inplane, z, margin, organ, lesions, *intensity = scanners[site_index]
@@ -134,9 +138,7 @@ def site_profile(site_index: int, *, dim: int = 2, size: Sequence[int] | None = 
 def scanners_digest(task: str) -> str:
     """A short digest of the task's hand-made scanners: it changes with every calibration of
     the task, so that results of two calibrations are never merged as one (benchmarks)."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, not {task!r}")
-    return hashlib.sha256(repr(_SCANNERS if task == "easy" else _HARD_SCANNERS).encode()).hexdigest()[:12]
+    return hashlib.sha256(repr(_scanners(task)).encode()).hexdigest()[:12]
 
 
 def hard_profiles() -> int:

@@ -109,8 +109,8 @@ def test_hard_task_structures_vary_from_case_to_case(hard):
 
 def test_hard_task_sites_see_different_lesion_kinds_and_a_distractor(hard):
     """Each of the first three sites sees one kind of lesion more than the others: bright
-    ones at SiteA, dark ones (below the organ's intensity) at SiteB; a structure as bright as the organ but
-    labelled background lies beside it in many cases."""
+    ones at SiteA, dark ones (below the organ's intensity) at SiteB; a structure as bright
+    as the organ but labelled background lies beside it in many cases."""
     dark_fraction, distractors = [], 0
     for folder in hard[:3]:
         dark = total = 0
