@@ -16,6 +16,8 @@ and variants of FFE that measure what the gap to centralized training comes from
 
     FFE-few-merges  a quarter of the merges: rounds/4 rounds of 4 x epochs-per-round epochs
                     (the same steps and learning-rate schedule)
+    FFE-many-merges twice the merges: 2 x rounds rounds of epochs of half the iterations
+                    (the same steps; PolyLR over twice the epochs of half the length)
     FFE-reset       --optimizer-state reset (no SGD momentum carried over a merge)
     FFE-merged      --optimizer-state merged (the SGD momentum averaged with the weights)
     FFE-uniform     --weighting uniform (sites weighted alike, not by their cases)
@@ -82,15 +84,17 @@ FEDERATED = {"FFE": ["--mode", "ffe", *PLAIN], "AsymFedAvg": ["--mode", "asym", 
              "AsymFedAvg-ref": ["--mode", "asym", "--weighting", "uniform", "--layers", "intersection", *PLAIN],
              "FFE+SecAgg": ["--mode", "ffe", "--secure-aggregation"],
              "FFE+DP": ["--mode", "ffe", "--secure-aggregation", "--weighting", "uniform"],  # + dp_args(args)
-             "FFE-few-merges": ["--mode", "ffe", *PLAIN],  # with rounds / FEW_MERGES (run_federation)
+             "FFE-few-merges": ["--mode", "ffe", *PLAIN],  # with rounds / FEW_MERGES (schedule)
+             "FFE-many-merges": ["--mode", "ffe", *PLAIN],  # with rounds x MANY_MERGES (schedule)
              "FFE-reset": ["--mode", "ffe", "--optimizer-state", "reset", *PLAIN],
              "FFE-merged": ["--mode", "ffe", "--optimizer-state", "merged", *PLAIN],
              "FFE-uniform": ["--mode", "ffe", "--weighting", "uniform", *PLAIN],
              "FFE-cosine": ["--mode", "ffe", "--trainer", "nnUNetTrainerCosAnneal", *PLAIN]}
 FEW_MERGES = 4  # FFE-few-merges: rounds / 4 merges, each round 4 times as long
+MANY_MERGES = 2  # FFE-many-merges: rounds x 2 merges, each epoch (and round) half as long
 SECURE_METHODS = ("FFE+SecAgg", "FFE+DP")  # secure aggregation needs 3 sites or more (secagg.MIN_GROUP)
 METHODS = ("local", "centralized", "FFE", "AsymFedAvg", "AsymFedAvg-ref")  # the default; any site count
-VARIANTS = ("FFE-few-merges", "FFE-reset", "FFE-merged", "FFE-uniform", "FFE-cosine")
+VARIANTS = ("FFE-few-merges", "FFE-many-merges", "FFE-reset", "FFE-merged", "FFE-uniform", "FFE-cosine")
 ALL_METHODS = (*METHODS, *SECURE_METHODS, *VARIANTS)
 MIN_SECURE_SITES = 3
 # the settings that fix the data, the budget and the evaluation: runs to merge must agree on them
@@ -237,18 +241,21 @@ def dp_args(args) -> list[str]:
             "--dp-delta", str(args.dp_delta)]
 
 
-def schedule(args, method: str) -> tuple[int, int]:
-    """(rounds, epochs per round) of a federated method: the same epochs for every method."""
+def schedule(args, method: str) -> tuple[int, int, int]:
+    """(rounds, epochs per round, iterations per epoch) of a federated method: the same
+    optimizer steps for every method."""
     if method == "FFE-few-merges":
-        return args.rounds // FEW_MERGES, args.epochs_per_round * FEW_MERGES
-    return args.rounds, args.epochs_per_round
+        return args.rounds // FEW_MERGES, args.epochs_per_round * FEW_MERGES, args.iterations
+    if method == "FFE-many-merges":
+        return args.rounds * MANY_MERGES, args.epochs_per_round, args.iterations // MANY_MERGES
+    return args.rounds, args.epochs_per_round, args.iterations
 
 
 def run_federation(args, method: str, sites: list[SimSite], work: Path, say, secure: dict) -> dict:
-    rounds, epochs_per_round = schedule(args, method)
+    rounds, epochs_per_round, iterations = schedule(args, method)
     extra = FEDERATED[method]
     init = ["--configuration", args.configuration, "--rounds", str(rounds),
-            "--epochs-per-round", str(epochs_per_round), "--iterations-per-epoch", str(args.iterations),
+            "--epochs-per-round", str(epochs_per_round), "--iterations-per-epoch", str(iterations),
             "--val-iterations", str(args.val_iterations), "--no-final-validation",
             *([] if "--optimizer-state" in extra else ["--optimizer-state", args.optimizer_state]), *extra,
             *(dp_args(args) if method == "FFE+DP" else [])]
@@ -638,6 +645,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--methods {','.join(secure)}: secure aggregation needs --sites {MIN_SECURE_SITES} or more")
     if "FFE-few-merges" in methods and args.rounds % FEW_MERGES:
         p.error(f"--methods FFE-few-merges: --rounds must be a multiple of {FEW_MERGES}")
+    if "FFE-many-merges" in methods and args.iterations % MANY_MERGES:
+        p.error(f"--methods FFE-many-merges: --iterations must be a multiple of {MANY_MERGES}")
     args.methods = [m for m in ALL_METHODS if m in methods]
     return args
 

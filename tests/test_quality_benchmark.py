@@ -206,11 +206,14 @@ def test_merge_refuses_a_method_and_seed_twice_and_runs_of_other_settings(tmp_pa
 
 
 def test_variants_keep_the_step_budget_and_bad_settings_are_refused():
-    args = quality.parse_args(["--out", "x", "--methods", "FFE,FFE-few-merges"])
-    assert quality.schedule(args, "FFE") == (20, 1) and quality.schedule(args, "FFE-few-merges") == (5, 4)
+    args = quality.parse_args(["--out", "x", "--methods", "FFE,FFE-few-merges,FFE-many-merges"])
+    schedules = {m: quality.schedule(args, m) for m in args.methods}
+    assert schedules == {"FFE": (20, 1, 50), "FFE-few-merges": (5, 4, 50), "FFE-many-merges": (40, 1, 25)}
+    assert len({r * e * i for r, e, i in schedules.values()}) == 1  # the same steps per site
     assert args.train_cases == [5, 6, 5] and args.unseen and args.task == "hard"
     assert quality.parse_args(["--out", "x", "--task", "easy"]).rounds == 8
-    for bad in (["--methods", "FFE-few-merges", "--rounds", "10"], ["--train-cases", "5", "6"],
+    for bad in (["--methods", "FFE-few-merges", "--rounds", "10"], ["--methods", "FFE-many-merges", "--iterations", "5"],
+                ["--train-cases", "5", "6"],
                 ["--sites", "4"], ["--configuration", "3d_fullres", "--size", "32", "32"]):
         with pytest.raises(SystemExit):
             quality.parse_args(["--out", "x", *bad])
