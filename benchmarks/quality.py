@@ -3,6 +3,9 @@
 
     local           each site trains nnU-Net alone on its own data
     centralized     nnU-Net on the pooled data of all sites
+    centralized-big-batch  the pooled data with one site's updates: batch x n_sites, the
+                    iterations of one site (the same images seen as centralized; the same
+                    number of optimizer steps as a federated site, so as FFE's merged model)
     FFE             p2pfed --mode ffe
     AsymFedAvg      p2pfed --mode asym
     AsymFedAvg-ref  p2pfed --mode asym --weighting uniform --layers intersection (the
@@ -95,7 +98,8 @@ MANY_MERGES = 2  # FFE-many-merges: rounds x 2 merges, each epoch (and round) ha
 SECURE_METHODS = ("FFE+SecAgg", "FFE+DP")  # secure aggregation needs 3 sites or more (secagg.MIN_GROUP)
 METHODS = ("local", "centralized", "FFE", "AsymFedAvg", "AsymFedAvg-ref")  # the default; any site count
 VARIANTS = ("FFE-few-merges", "FFE-many-merges", "FFE-reset", "FFE-merged", "FFE-uniform", "FFE-cosine")
-ALL_METHODS = (*METHODS, *SECURE_METHODS, *VARIANTS)
+CENTRALIZED = ("centralized", "centralized-big-batch")
+ALL_METHODS = (*METHODS, *SECURE_METHODS, *VARIANTS, "centralized-big-batch")
 MIN_SECURE_SITES = 3
 # the settings that fix the data, the budget and the evaluation: runs to merge must agree on them
 # (the seed may differ: a merge of several seeds reports their mean and spread)
@@ -196,16 +200,20 @@ def run_local(args, site: SimSite, logs: Path) -> dict:
     return {("local", site.name): model_folder(site, args.configuration)}
 
 
-def _pooled(work: Path) -> SimSite:
-    return SimSite("Pooled", POOLED_ID, work / "centralized")
+def _pooled(work: Path, method: str) -> SimSite:
+    return SimSite("Pooled", POOLED_ID, work / method)
 
 
-def run_centralized(args, sites: list[SimSite], work: Path, logs: Path) -> dict:
-    pooled = _pooled(work)
+def run_centralized(args, sites: list[SimSite], work: Path, logs: Path, method: str) -> dict:
+    """centralized: n_sites x the iterations of a site at the planned batch size;
+    centralized-big-batch: a site's iterations at n_sites x the batch size."""
+    pooled, n = _pooled(work, method), len(sites)
+    big = method == "centralized-big-batch"
     synthetic.make_pooled([dataset_dir(s) for s in sites], pooled.folders["raw"], POOLED_ID, name=pooled.name)
-    _worker("train", pooled.folders, logs / "centralized.log", dataset=POOLED_ID,
-            pooled_from=[dataset_dir(s) for s in sites], **_budget(args, args.iterations * len(sites)))
-    return {("centralized", s.name): model_folder(pooled, args.configuration) for s in sites}
+    _worker("train", pooled.folders, logs / f"{method}.log", dataset=POOLED_ID,
+            pooled_from=[dataset_dir(s) for s in sites], batch_scale=n if big else 1,
+            **_budget(args, args.iterations * (1 if big else n)))
+    return {(method, s.name): model_folder(pooled, args.configuration) for s in sites}
 
 
 def site_modalities(args) -> list[str]:
@@ -270,6 +278,15 @@ def run_federation(args, method: str, sites: list[SimSite], work: Path, say, sec
     return {(method, s.name): model_folder(s, args.configuration, trainer) for s in sim.sites}
 
 
+def batch_sizes(models: dict, configuration: str) -> dict:
+    """{method: {site: batch size}} as each trained model's plans.json has it."""
+    out = {}
+    for (method, site), folder in sorted(models.items()):
+        plans = json.loads((folder / "plans.json").read_text())
+        out.setdefault(method, {})[site] = plans["configurations"][configuration]["batch_size"]
+    return out
+
+
 def _check_same_data(a: Path, b: Path, subfolders=("imagesTr", "labelsTr")) -> None:
     """Every method must train (and be tested) on the same bytes: the generator is
     deterministic; check it."""
@@ -280,13 +297,13 @@ def _check_same_data(a: Path, b: Path, subfolders=("imagesTr", "labelsTr")) -> N
             raise RuntimeError(f"{a.name}/{sub}: the data differs between methods or modalities")
 
 
-def _check_pooled_split(sites: list[SimSite], work: Path) -> None:
+def _check_pooled_split(sites: list[SimSite], work: Path, method: str) -> None:
     """The centralized fold 0 must train on exactly the cases the sites' fold 0 trains on."""
     def fold0(folder: Path) -> set[str]:
         return set(json.loads((folder / "splits_final.json").read_text())[0]["train"])
 
     union = set().union(*(fold0(s.folders["preprocessed"] / dataset_dir(s).name) for s in sites))
-    pooled = _pooled(work)
+    pooled = _pooled(work, method)
     if fold0(pooled.folders["preprocessed"] / dataset_dir(pooled).name) != union:
         raise RuntimeError("the centralized training cases differ from the union of the sites' training cases")
 
@@ -296,8 +313,7 @@ def train_all(args, sites: list[SimSite], work: Path, logs: Path, say) -> tuple[
     federated methods' secure_aggregation section of `p2pfed status --json` after all rounds."""
     tasks, secure = {}, {}  # the longest first, so that --jobs keeps every core busy to the end
     tasks.update({m: (run_federation, args, m, sites, work, say, secure) for m in args.methods if m in FEDERATED})
-    if "centralized" in args.methods:
-        tasks["centralized"] = (run_centralized, args, sites, work, logs)
+    tasks.update({m: (run_centralized, args, sites, work, logs, m) for m in CENTRALIZED if m in args.methods})
     if "local" in args.methods:
         tasks.update({f"local {s.name}": (run_local, args, s, logs) for s in sites})
 
@@ -311,8 +327,9 @@ def train_all(args, sites: list[SimSite], work: Path, logs: Path, say) -> tuple[
 
     with ThreadPoolExecutor(args.jobs) as pool:
         done = dict(zip(tasks, pool.map(timed, tasks)))
-    if "centralized" in args.methods:
-        _check_pooled_split(sites, work)
+    for method in CENTRALIZED:
+        if method in args.methods:
+            _check_pooled_split(sites, work, method)
     models = {key: folder for m, _ in done.values() for key, folder in m.items()}
     return models, {name: round(seconds, 1) for name, (_, seconds) in done.items()}, secure
 
@@ -416,10 +433,12 @@ def table_rows(per_case: dict, site_names: list[str], unseen: str | None = None)
 
 def comparisons(methods: list[str]) -> list[tuple[str, str]]:
     """(method, reference) pairs: every method against centralized and every federated one
-    against local; p2pfed's asym rule against the reference rule; FFE's variants against FFE."""
+    against local; p2pfed's asym rule against the reference rule; FFE's variants against FFE;
+    FFE and its many merges against the pooled training that makes as many updates."""
     pairs = [(m, "centralized") for m in methods if m != "centralized"]
     pairs += [(m, "local") for m in methods if m in FEDERATED]
     pairs += [("AsymFedAvg", "AsymFedAvg-ref")] + [(v, "FFE") for v in VARIANTS + SECURE_METHODS]
+    pairs += [(m, "centralized-big-batch") for m in ("FFE", "FFE-many-merges")]  # the same number of updates
     return [(a, b) for a, b in dict.fromkeys(pairs) if a in methods and b in methods]
 
 
@@ -715,7 +734,7 @@ def merge(args) -> int:
             # the runs by folder name (no machine paths); a merged table lists the runs it came from
             "merged_from": [entry for run, doc in docs for entry in doc.get("merged_from") or [
                 {"run": run.name, "methods": _methods_of(doc["cases"]), "settings": doc["settings"],
-                 "machine": doc.get("machine"), "wall_s": doc.get("wall_s")}]],
+                 "machine": doc.get("machine"), "wall_s": doc.get("wall_s"), "batch_size": doc.get("batch_size")}]],
             "secure_aggregation": {k: v for _, doc in docs for k, v in (doc.get("secure_aggregation") or {}).items()},
             "dp": dp, "wall_s": {}}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -755,6 +774,7 @@ def main(argv=None) -> int:
                                     channels=site_channels(args))
         unseen = make_unseen(args, work)
         models, wall, secure = train_all(args, sites, work, logs, say)
+        batches = batch_sizes(models, args.configuration)
         # the unseen site's labels are the same in every modality: any of its folders will do
         per_case = evaluate(predict_all(args, models, sites, unseen, work, logs), sites + list(unseen.values())[:1],
                             args.seed)
@@ -763,7 +783,7 @@ def main(argv=None) -> int:
             "unseen_site": next(iter(unseen.values())).name if unseen else None,
             "steps_per_site": args.rounds * args.epochs_per_round * args.iterations,
             "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-            "wall_s": wall, "secure_aggregation": secure, "dp": _dp(secure)}
+            "wall_s": wall, "batch_size": batches, "secure_aggregation": secure, "dp": _dp(secure)}
     say("\n" + write_outputs(args.out, per_case, meta))
     say(f"{meta['steps_per_site']} optimizer steps per site; wall {wall}; written to {args.out}")
     return 0

@@ -38,8 +38,20 @@ def _write_pooled_splits(dataset: str, site_raw_dirs: list[str]) -> None:
     out.write_text(json.dumps(folds, indent=1))
 
 
+def _scale_batch(dataset: int, configuration: str, factor: int) -> None:
+    """Multiply the planned batch size of `configuration` by `factor` in nnUNetPlans.json
+    (the trainer reads it from there)."""
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    path = Path(nnUNet_preprocessed) / maybe_convert_to_dataset_name(dataset) / "nnUNetPlans.json"
+    plans = json.loads(path.read_text())
+    plans["configurations"][configuration]["batch_size"] *= factor
+    path.write_text(json.dumps(plans, indent=1))
+
+
 def train(folders: list[str], dataset: int, configuration: str, epochs: int, iterations: int,
-          val_iterations: int, pooled_from: list[str] | None = None) -> None:
+          val_iterations: int, pooled_from: list[str] | None = None, batch_scale: int = 1) -> None:
     from p2pfed.nnunet.fingerprint import local_fingerprint, plan_and_preprocess
     from p2pfed.nnunet.train import TrainSpec, export_final, train_round
 
@@ -47,6 +59,8 @@ def train(folders: list[str], dataset: int, configuration: str, epochs: int, ite
     plan_and_preprocess(dataset, configuration=configuration)
     if pooled_from:
         _write_pooled_splits(dataset, pooled_from)
+    if batch_scale != 1:
+        _scale_batch(dataset, configuration, batch_scale)
     spec = TrainSpec(dataset, configuration, *map(Path, folders), iterations_per_epoch=iterations,
                      val_iterations=val_iterations, total_epochs=epochs)
     result = train_round(spec, None, epochs)

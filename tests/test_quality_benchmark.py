@@ -58,7 +58,8 @@ def test_empty_masks_are_defined_explicitly():
 
 @pytest.mark.slow
 def test_quick_run_reports_every_method_and_site(tmp_path):
-    methods = [*quality.METHODS, "FFE-merged"]  # and the one variant that changes what a model holds
+    # and the one variant that changes what a model holds, and the pooled training at a site's updates
+    methods = [*quality.METHODS, "FFE-merged", "centralized-big-batch"]
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "quality.py"), "--quick", "--jobs", "2",
                            "--methods", ",".join(methods), "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=1200)
@@ -84,6 +85,8 @@ def test_quick_run_reports_every_method_and_site(tmp_path):
     assert "SiteD (unseen) DSC" in table and "| FFE − centralized |" in table
     assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert doc["steps_per_site"] == 2 and doc["wall_s"]["total"] > 0
+    batch = doc["batch_size"]  # from each model's plans.json: the big batch is the sites' together
+    assert batch["centralized-big-batch"]["SiteA"] == 2 * batch["centralized"]["SiteA"] == 2 * batch["FFE"]["SiteB"]
     assert doc["settings"]["scanners"] == synthetic.scanners_digest("hard")  # the calibration it ran
 
 
