@@ -20,18 +20,25 @@ from pathlib import Path
 from p2pfed.nnunet import activate
 
 
+def nnunet_split(raw: Path) -> list[dict]:
+    """The 5 folds nnU-Net's trainer writes to splits_final.json for the dataset in `raw`
+    (its sorted case ids, seed 12345)."""
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    ids = sorted(p.name[:-len(".nii.gz")] for p in (raw / "labelsTr").glob("*.nii.gz"))
+    return generate_crossval_split(ids, seed=12345, n_splits=5)
+
+
 def _write_pooled_splits(dataset: str, site_raw_dirs: list[str]) -> None:
     """splits_final.json of the pooled dataset: fold k = the union of every site's own fold k,
     each split exactly as nnU-Net's trainer splits a dataset (sorted ids, seed 12345), so the
     centralized model trains on the union of the cases the sites train on."""
     from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.crossval_split import generate_crossval_split
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     folds = [{"train": [], "val": []} for _ in range(5)]
     for raw in site_raw_dirs:
-        ids = sorted(p.name[:-len(".nii.gz")] for p in (Path(raw) / "labelsTr").glob("*.nii.gz"))
-        for pooled, site in zip(folds, generate_crossval_split(ids, seed=12345, n_splits=5)):
+        for pooled, site in zip(folds, nnunet_split(Path(raw))):
             pooled["train"] += site["train"]
             pooled["val"] += site["val"]
     out = Path(nnUNet_preprocessed) / maybe_convert_to_dataset_name(dataset) / "splits_final.json"
