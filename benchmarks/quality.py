@@ -26,6 +26,9 @@ and variants of FFE that measure what the gap to centralized training comes from
     FFE-uniform     --weighting uniform (sites weighted alike, not by their cases)
     FFE-cosine      --trainer nnUNetTrainerCosAnneal (nnU-Net's cosine learning-rate schedule
                     across all rounds instead of PolyLR)
+    FFE-scaled-lr   --learning-rate n_sites x nnU-Net's 0.01: a merge averages n_sites
+                    updates, like one step on an n_sites times larger batch, and the linear
+                    scaling rule scales the learning rate with the batch
 
 All but FFE+SecAgg and FFE+DP run with the plain protocol (--no-secure-aggregation, which
 p2pfed init would otherwise turn on for 3 sites or more).
@@ -93,12 +96,14 @@ FEDERATED = {"FFE": ["--mode", "ffe", *PLAIN], "AsymFedAvg": ["--mode", "asym", 
              "FFE-reset": ["--mode", "ffe", "--optimizer-state", "reset", *PLAIN],
              "FFE-merged": ["--mode", "ffe", "--optimizer-state", "merged", *PLAIN],
              "FFE-uniform": ["--mode", "ffe", "--weighting", "uniform", *PLAIN],
-             "FFE-cosine": ["--mode", "ffe", "--trainer", "nnUNetTrainerCosAnneal", *PLAIN]}
+             "FFE-cosine": ["--mode", "ffe", "--trainer", "nnUNetTrainerCosAnneal", *PLAIN],
+             "FFE-scaled-lr": ["--mode", "ffe", *PLAIN]}  # + scaled_lr_args(args)
 FEW_MERGES = 4  # FFE-few-merges: rounds / 4 merges, each round 4 times as long
 MANY_MERGES = 2  # FFE-many-merges: rounds x 2 merges, each epoch (and round) half as long
+NNUNET_LR = 0.01  # nnUNetTrainer.initial_lr
 SECURE_METHODS = ("FFE+SecAgg", "FFE+DP")  # secure aggregation needs 3 sites or more (secagg.MIN_GROUP)
 METHODS = ("local", "centralized", "FFE", "AsymFedAvg", "AsymFedAvg-ref")  # the default; any site count
-VARIANTS = ("FFE-few-merges", "FFE-many-merges", "FFE-reset", "FFE-merged", "FFE-uniform", "FFE-cosine")
+VARIANTS = ("FFE-few-merges", "FFE-many-merges", "FFE-reset", "FFE-merged", "FFE-uniform", "FFE-cosine", "FFE-scaled-lr")
 CENTRALIZED = ("centralized", "centralized-big-batch")
 ALL_METHODS = (*METHODS, *SECURE_METHODS, *VARIANTS, "centralized-big-batch")
 MIN_SECURE_SITES = 3
@@ -250,6 +255,10 @@ def dp_args(args) -> list[str]:
             "--dp-delta", str(args.dp_delta)]
 
 
+def scaled_lr_args(args) -> list[str]:
+    return ["--learning-rate", f"{NNUNET_LR * args.sites:g}"]
+
+
 def schedule(args, method: str) -> tuple[int, int, int]:
     """(rounds, epochs per round, iterations per epoch) of a federated method: the same
     optimizer steps for every method."""
@@ -267,7 +276,8 @@ def run_federation(args, method: str, sites: list[SimSite], work: Path, say, sec
             "--epochs-per-round", str(epochs_per_round), "--iterations-per-epoch", str(iterations),
             "--val-iterations", str(args.val_iterations), "--no-final-validation",
             *([] if "--optimizer-state" in extra else ["--optimizer-state", args.optimizer_state]), *extra,
-            *(dp_args(args) if method == "FFE+DP" else [])]
+            *(dp_args(args) if method == "FFE+DP" else []),
+            *(scaled_lr_args(args) if method == "FFE-scaled-lr" else [])]
     sim = simulate.setup(work / method, args.sites, init_args=init, seed=args.seed, n_train=args.train_cases,
                          size=args.size, task=args.task, dim=args.dim,
                          channels=site_channels(args))

@@ -198,6 +198,7 @@ def init(
     dp_delta: float = typer.Option(1e-5, "--dp-delta", help="Differential privacy: the delta that epsilon is reported for."),
     sharded_from: int = typer.Option(8, "--sharded-from", help="Secure rounds with at least this many sites split the merge among them, so no site downloads every contribution."),
     optimizer_state: str = typer.Option("local", "--optimizer-state", help="Each site's SGD momentum after a merge: local (kept from its own last round, as the reference FednnU-Net), reset (started afresh each round) or merged (averaged with the weights and uploaded with them; --mode ffe)."),
+    learning_rate: Optional[float] = typer.Option(None, "--learning-rate", help="Every site's initial learning rate, where nnU-Net's PolyLR schedule starts (default: the trainer's own, 0.01 for nnUNetTrainer)."),
     nnunet_raw: Optional[str] = Raw, nnunet_preprocessed: Optional[str] = Pre,
     nnunet_results: Optional[str] = Res, device: str = Device,
     endpoint: Optional[str] = Endpoint, home: Optional[str] = HomeOpt,
@@ -216,7 +217,7 @@ def init(
                         admission_quorum=admission_quorum,
                         secure_aggregation=_secure_default(sites, secure_aggregation, no_secure_aggregation),
                         dp_clip=dp_clip, dp_noise_multiplier=dp_noise_multiplier, dp_delta=dp_delta,
-                        sharded_from=sharded_from, optimizer_state=optimizer_state)
+                        sharded_from=sharded_from, optimizer_state=optimizer_state, learning_rate=learning_rate)
     opts = _local_options(site, dataset, nnunet_raw, nnunet_preprocessed, nnunet_results, device, endpoint, home)
     config, public = node.init(storage, opts, settings)
     from p2pfed.crypto import grouped

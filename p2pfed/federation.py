@@ -74,6 +74,10 @@ class Settings:
     # ("local", the reference FednnU-Net behaviour), started afresh ("reset"), or merged with
     # the weights, weighted like them ("merged"; FFE only: it needs one network)
     optimizer_state: str = "local"
+    # every site's initial learning rate (the PolyLR schedule starts there); None: the trainer
+    # class's own (nnUNetTrainer: 0.01). An FFE merge averages the sites' updates, like one
+    # batch n_sites times larger: docs/design.md 7.4 on why a larger one can pay
+    learning_rate: float | None = None
 
     def __post_init__(self):
         checks = [
@@ -103,6 +107,7 @@ class Settings:
             (self.dp_clip is None or self.mode == "ffe", "differential privacy needs --mode ffe (a common base)"),
             (0 < self.dp_delta < 1, "--dp-delta must be in (0, 1)"),
             (self.sharded_from >= 1, "--sharded-from must be >= 1"),
+            (self.learning_rate is None or 0 < self.learning_rate <= 1, "--learning-rate must be in (0, 1]"),
             (self.optimizer_state in OPTIMIZER_STATES, f"--optimizer-state must be one of {', '.join(OPTIMIZER_STATES)}"),
             (self.optimizer_state != "merged" or self.mode == "ffe",
              "--optimizer-state merged needs --mode ffe (one network, whose momentum every site holds)"),

@@ -307,7 +307,8 @@ def render(doc: dict, console) -> None:
     console.print(f"[bold]Federation[/] {fed['id']} on {doc['storage']}", soft_wrap=True)
     console.print(f"federation fingerprint {grouped(fed['fingerprint'])} (compare it with the founder's)")
     console.print(f"mode {st['mode']}, {st['configuration']} fold {st['fold']}, {plural(st['rounds'], 'round')} x "
-                  f"{plural(st['epochs_per_round'], 'epoch')} x {plural(st['iterations_per_epoch'], 'iteration')}; "
+                  f"{plural(st['epochs_per_round'], 'epoch')} x {plural(st['iterations_per_epoch'], 'iteration')}"
+                  + (f" from learning rate {st['learning_rate']:g}" if st.get("learning_rate") else "") + "; "
                   f"quorum {st['quorum'] or st['sites']}/{st['sites']}, deadline {duration(st['deadline_s'])}; "
                   f"weighting {st['weighting']}"
                   + (f" (max share {st['max_weight_share']:g})" if st.get("max_weight_share") else "")

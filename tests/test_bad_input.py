@@ -193,6 +193,7 @@ CASES = {
     "unknown mode": (init("--mode", "fedprox"), 2, "--mode must be one of ffe, asym"),
     "unknown optimizer state": (init("--optimizer-state", "fedavgm"), 2,
                                 "--optimizer-state must be one of local, reset, merged"),
+    "learning rate out of range": (init("--learning-rate", "0"), 2, "--learning-rate must be in (0, 1]"),
     "merged momentum in asym mode": (init("--mode", "asym", "--optimizer-state", "merged"), 2,
                                      "--optimizer-state merged needs --mode ffe"),
     "merged momentum with DP": (init("--sites", "3", "--secure-aggregation", "--weighting", "uniform", "--dp-clip", "1",

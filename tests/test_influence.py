@@ -397,3 +397,18 @@ def test_status_says_what_each_merge_does_to_the_momentum(tmp_path, state, says)
     fed = factory.make(tmp_path, rounds=1, optimizer_state=state)
     text = CliRunner().invoke(app, ["status", "--site", "site0", "--home", str(fed.home)], terminal_width=200)
     assert text.exit_code == 0 and f"layers subset, {says}" in text.stdout
+
+
+def test_the_learning_rate_is_a_signed_setting_that_status_shows(tmp_path):
+    """--learning-rate is signed into federation.json, and status shows it (the round's use
+    of it: test_nnunet_train.py::test_learning_rate_setting_starts_polylr_there)."""
+    from p2pfed import node
+
+    fed = factory.make(tmp_path, rounds=1, learning_rate=0.03)
+    text = CliRunner().invoke(app, ["status", "--site", "site0", "--home", str(fed.home)], terminal_width=200)
+    assert text.exit_code == 0 and "x 250 iterations from learning rate 0.03;" in text.stdout
+    _, _, federation = node.open_site(fed.home, "site0")
+    assert federation.settings.learning_rate == 0.03
+    assert "from learning rate" not in CliRunner().invoke(  # unset: the trainer's own, not shown
+        app, ["status", "--site", "site0", "--home", str(factory.make(tmp_path / "b", rounds=1).home)],
+        terminal_width=200).stdout

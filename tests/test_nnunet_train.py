@@ -412,6 +412,16 @@ def test_optimizer_state_reset_starts_the_round_without_momentum(site, catch_up)
 
 
 @slow
+def test_learning_rate_setting_starts_polylr_there(site, catch_up):
+    """--learning-rate: the round's PolyLR runs from the federation's initial rate, not the
+    trainer's 0.01, also when the optimizer state resumes from a checkpoint trained at 0.01."""
+    spec = {**site.spec, "initial_lr": 3 * INITIAL_LR}
+    r = train(site, "lr", save(site.root / "merged4lr.npz", load(catch_up["weights"])), start_epoch=3, spec=spec)
+    assert r["optimizer_restored"] and r["first_step_is_base"]
+    assert r["epoch"] == 3 and r["lr"] == pytest.approx(3 * poly_lr(3))
+
+
+@slow
 def test_optimizer_state_merged_starts_from_the_merged_momentum(site, catch_up):
     """--optimizer-state merged: the initial model carries a zero momentum tensor per network
     parameter; a round starts from the merged weights *and* the merged SGD momentum (not

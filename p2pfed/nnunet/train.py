@@ -51,6 +51,7 @@ class TrainSpec:
         "local", the one this site's last round left in its checkpoint; "reset", none (a
         fresh optimizer); "merged", the federation's merged momentum, which travels with
         the weights as MOMENTUM-prefixed tensors, one per network parameter.
+    initial_lr: the trainer's initial_lr (where PolyLR starts); None: the trainer class's own.
     raw, preprocessed, results: the site's nnUNet_raw, nnUNet_preprocessed, nnUNet_results.
     """
 
@@ -67,6 +68,7 @@ class TrainSpec:
     val_iterations: int = 50
     total_epochs: int = 1000
     optimizer_state: str = "local"
+    initial_lr: float | None = None
 
     def activate(self) -> None:
         """Point nnU-Net at this site's folders (before nnunetv2 is first imported)."""
@@ -227,6 +229,8 @@ def _make_trainer(spec: TrainSpec) -> nnUNetTrainer:
     trainer.num_iterations_per_epoch = spec.iterations_per_epoch
     trainer.num_val_iterations_per_epoch = spec.val_iterations
     trainer.num_epochs = spec.total_epochs  # before initialize(): it sizes PolyLR
+    if spec.initial_lr is not None:
+        trainer.initial_lr = spec.initial_lr  # before initialize(): PolyLR starts from it
     # nnU-Net's in-epoch saves (checkpoint_latest every save_every epochs, checkpoint_best
     # on a better local EMA) are not atomic and a local "best" means nothing here; the
     # round saves its own checkpoint (_save_checkpoint).

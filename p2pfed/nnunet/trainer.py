@@ -72,7 +72,8 @@ class NnunetTrainer:
                          results=Path(self.config.nnunet_results), fold=self.s.fold, trainer=self.s.trainer,
                          plans=self.s.plans_identifier, device=self.config.device,
                          iterations_per_epoch=self.s.iterations_per_epoch, val_iterations=self.s.val_iterations,
-                         total_epochs=self.s.total_epochs, optimizer_state=self.s.optimizer_state)
+                         total_epochs=self.s.total_epochs, optimizer_state=self.s.optimizer_state,
+                         initial_lr=self.s.learning_rate)
 
     def _checkpoint(self) -> Path:
         return (Path(self.config.nnunet_results) / dataset_name(self.config.nnunet_raw, self.config.dataset)
