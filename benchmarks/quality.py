@@ -103,7 +103,8 @@ MANY_MERGES = 2  # FFE-many-merges: rounds x 2 merges, each epoch (and round) ha
 NNUNET_LR = 0.01  # nnUNetTrainer.initial_lr
 SECURE_METHODS = ("FFE+SecAgg", "FFE+DP")  # secure aggregation needs 3 sites or more (secagg.MIN_GROUP)
 METHODS = ("local", "centralized", "FFE", "AsymFedAvg", "AsymFedAvg-ref")  # the default; any site count
-VARIANTS = ("FFE-few-merges", "FFE-many-merges", "FFE-reset", "FFE-merged", "FFE-uniform", "FFE-cosine", "FFE-scaled-lr")
+VARIANTS = ("FFE-few-merges", "FFE-many-merges", "FFE-reset", "FFE-merged", "FFE-uniform", "FFE-cosine",
+            "FFE-scaled-lr")
 CENTRALIZED = ("centralized", "centralized-big-batch")
 ALL_METHODS = (*METHODS, *SECURE_METHODS, *VARIANTS, "centralized-big-batch")
 MIN_SECURE_SITES = 3
