@@ -312,17 +312,12 @@ def _check_same_data(a: Path, b: Path, subfolders=("imagesTr", "labelsTr")) -> N
 def _check_pooled_split(sites: list[SimSite], work: Path, method: str) -> None:
     """The centralized fold 0 must train on exactly the cases the sites' fold 0 trains on: as
     the site's local training split them, or (no local run) as nnU-Net's trainer would."""
-    def fold0(folder: Path) -> set[str]:
-        return set(json.loads((folder / "splits_final.json").read_text())[0]["train"])
+    def fold0(site: SimSite) -> set[str]:
+        written = site.folders["preprocessed"] / dataset_dir(site).name / "splits_final.json"
+        folds = json.loads(written.read_text()) if written.is_file() else nnunet_split(dataset_dir(site))
+        return set(folds[0]["train"])
 
-    def site_fold0(site: SimSite) -> set[str]:
-        if (site.folders["preprocessed"] / dataset_dir(site).name / "splits_final.json").is_file():
-            return fold0(site.folders["preprocessed"] / dataset_dir(site).name)
-        return set(nnunet_split(dataset_dir(site))[0]["train"])
-
-    union = set().union(*map(site_fold0, sites))
-    pooled = _pooled(work, method)
-    if fold0(pooled.folders["preprocessed"] / dataset_dir(pooled).name) != union:
+    if fold0(_pooled(work, method)) != set().union(*map(fold0, sites)):
         raise RuntimeError("the centralized training cases differ from the union of the sites' training cases")
 
 

@@ -29,29 +29,30 @@ def nnunet_split(raw: Path) -> list[dict]:
     return generate_crossval_split(ids, seed=12345, n_splits=5)
 
 
+def _preprocessed(dataset: int | str) -> Path:
+    """The dataset's folder in nnUNet_preprocessed (of this worker's environment)."""
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    return Path(nnUNet_preprocessed) / maybe_convert_to_dataset_name(dataset)
+
+
 def _write_pooled_splits(dataset: str, site_raw_dirs: list[str]) -> None:
     """splits_final.json of the pooled dataset: fold k = the union of every site's own fold k,
     each split exactly as nnU-Net's trainer splits a dataset (sorted ids, seed 12345), so the
     centralized model trains on the union of the cases the sites train on."""
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
     folds = [{"train": [], "val": []} for _ in range(5)]
     for raw in site_raw_dirs:
         for pooled, site in zip(folds, nnunet_split(Path(raw))):
             pooled["train"] += site["train"]
             pooled["val"] += site["val"]
-    out = Path(nnUNet_preprocessed) / maybe_convert_to_dataset_name(dataset) / "splits_final.json"
-    out.write_text(json.dumps(folds, indent=1))
+    (_preprocessed(dataset) / "splits_final.json").write_text(json.dumps(folds, indent=1))
 
 
 def _scale_batch(dataset: int, configuration: str, factor: int) -> None:
     """Multiply the planned batch size of `configuration` by `factor` in nnUNetPlans.json
     (the trainer reads it from there)."""
-    from nnunetv2.paths import nnUNet_preprocessed
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    path = Path(nnUNet_preprocessed) / maybe_convert_to_dataset_name(dataset) / "nnUNetPlans.json"
+    path = _preprocessed(dataset) / "nnUNetPlans.json"
     plans = json.loads(path.read_text())
     plans["configurations"][configuration]["batch_size"] *= factor
     path.write_text(json.dumps(plans, indent=1))
